@@ -1,0 +1,1 @@
+"""Strong views (intensity perturbations) and CutMix for the unlabeled stream."""

@@ -1,0 +1,1 @@
+"""Pseudo-labels, confidence masks, unsupervised losses, EMA teacher and DFE."""

@@ -1,0 +1,1 @@
+"""Dataset tools: the embedded synthetic dataset, label budgets, the ACDC converter."""

@@ -1,0 +1,1 @@
+"""nnU-Net trainer classes (and their short variants) of this package."""
