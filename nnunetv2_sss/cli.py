@@ -67,3 +67,66 @@ def preprocess_unlabeled_entry() -> None:
     for c in args.configurations:
         out = preprocess_unlabeled(args.dataset, c, args.plans, num_processes=args.num_processes, force=args.force)
         print(f"unlabeled cases for configuration {c}: {out}")
+
+
+def evaluate_entry() -> None:
+    """``nnUNetv2_sss_evaluate GT_DIR PRED_DIR``: Dice / HD95 / ASD per case and class, with spacing from the files."""
+    parser = argparse.ArgumentParser(
+        description="Per-case, per-class Dice, HD95 and ASD (physical units, spacing read from the images) of the "
+                    "predictions in PRED_DIR against the GT in GT_DIR, matched by file name. Writes per_case.csv, "
+                    "summary.json and boxplot.png to OUT_DIR.")
+    parser.add_argument("gt_dir", help="folder with the reference segmentations")
+    parser.add_argument("pred_dir", help="folder with the predicted segmentations (same file names)")
+    parser.add_argument("-o", "--output_folder", default=None,
+                        help="output folder (default: PRED_DIR/sss_evaluation)")
+    parser.add_argument("-l", "--dataset_json", default=None,
+                        help="nnU-Net dataset.json: labels, label names, ignore label and file ending")
+    parser.add_argument("--labels", type=int, nargs="+", default=None,
+                        help="foreground labels to evaluate (default: dataset.json labels, else all non-zero "
+                             "GT values)")
+    parser.add_argument("--file_ending", default=None, help="e.g. .nii.gz (default: dataset.json or detected)")
+    parser.add_argument("-np", "--num_processes", type=int, default=1, help="worker processes (default: 1)")
+    parser.add_argument("--allow-missing", action="store_true", help="skip GT cases that have no prediction")
+    args = parser.parse_args()
+    from nnunetv2_sss.evaluation.metrics import evaluate_folders
+    from nnunetv2_sss.evaluation.report import format_table
+
+    summary = evaluate_folders(args.gt_dir, args.pred_dir, out_dir=args.output_folder, labels=args.labels,
+                               dataset_json=args.dataset_json, num_processes=args.num_processes,
+                               allow_missing=args.allow_missing, file_ending=args.file_ending)
+    print(format_table(summary))
+    out = args.output_folder or os.path.join(args.pred_dir, "sss_evaluation")
+    print(f"results: {out}")
+
+
+def cache_sam2_entry() -> None:
+    """Encode every preprocessed unlabeled slice with SAM-2 once, so pseudo-label refreshes only decode prompts."""
+    parser = argparse.ArgumentParser(
+        description="Build the SAM-2 embedding cache of nnUNet_preprocessed/DatasetXXX/<data_identifier>_unlabeled/ "
+                    "(run nnUNetv2_sss_preprocess_unlabeled first). Nothing is downloaded: the checkpoint is a local "
+                    "file. An up-to-date cache is left alone; an interrupted run resumes.")
+    parser.add_argument("-d", "--dataset", required=True, help="dataset name or id, e.g. 27 or Dataset027_ACDC")
+    parser.add_argument("-c", "--configuration", default="2d", help="configuration (default: 2d)")
+    parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="SAM-2 checkpoint file (default: env var nnUNet_sss_sam2_checkpoint)")
+    parser.add_argument("--config", default=None,
+                        help="SAM-2 Hydra config, e.g. configs/sam2.1/sam2.1_hiera_t.yaml (default: env var "
+                             "nnUNet_sss_sam2_config, else from the checkpoint's file name or weights)")
+    parser.add_argument("--image-size", type=int, default=1024, help="SAM input size (default: 1024)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--batch-size", type=int, default=1, help="slices per encoder call (default: 1)")
+    args = parser.parse_args()
+    import torch
+
+    from nnunetv2_sss.sam.backend import SAM2Backend, SAM2CheckpointError
+    from nnunetv2_sss.sam.cache import build_sam2_cache_for_dataset
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        backend = SAM2Backend(args.checkpoint, args.config, image_size=args.image_size, device=device)
+    except SAM2CheckpointError as e:
+        parser.exit(1, f"error: {e}\n")
+    out = build_sam2_cache_for_dataset(args.dataset, args.configuration, backend, args.plans,
+                                       batch_size=args.batch_size)
+    print(f"SAM-2 cache ({backend.config_name}, {backend.image_size}px): {out}")

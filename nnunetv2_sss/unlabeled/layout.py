@@ -6,7 +6,9 @@ from pathlib import Path
 
 UNLABELED_RAW_FOLDER = "imagesUnlabeled"
 UNLABELED_SUFFIX = "_unlabeled"
-STAMP_FILE = "sss_unlabeled_stamp.json"
+# nnU-Net infers the dataset class from the file endings at the top of the folder: metadata goes in a subfolder.
+META_FOLDER = "sss_meta"
+STAMP_FILE = "stamp.json"
 SAM2_CACHE_FOLDER = "sam2_cache"
 SAM_PSEUDOLABEL_FOLDER = "sam2_pseudolabels"
 
@@ -29,3 +31,8 @@ def sam2_cache_folder(unlabeled_folder: str | Path) -> Path:
 def sam_pseudolabel_folder(unlabeled_folder: str | Path) -> Path:
     """SAM-2 pseudo-label maps (one per unlabeled case), rewritten at each refresh."""
     return Path(unlabeled_folder) / SAM_PSEUDOLABEL_FOLDER
+
+
+def unlabeled_stamp_file(unlabeled_folder: str | Path) -> Path:
+    """What the preprocessed unlabeled cases were made from (plans, files); a mismatch means stale."""
+    return Path(unlabeled_folder) / META_FOLDER / STAMP_FILE

@@ -1,0 +1,67 @@
+"""Pseudo-labels with confidence masks and the masked losses that train strong views against them.
+
+A pixel's pseudo-label is the weak view's arg-max; it only counts when the weak view's softmax confidence reaches
+the threshold (UniMatch's 0.95 by default). Pixels marked invalid (outside the image after augmentation, or where
+a SAM-2 map has no label) never count.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@torch.no_grad()
+def pseudo_label(logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(labels (B, *sp) long, confidence (B, *sp), mask (B, *sp) float) from weak-view logits (B, C, *sp)."""
+    probs = torch.softmax(logits.float(), dim=1)
+    conf, labels = probs.max(dim=1)
+    return labels, conf, (conf >= threshold).float()
+
+
+class MaskedCEDiceLoss(nn.Module):
+    """(CE + soft Dice) / 2 on the pixels where ``mask`` > 0; the CE is averaged over all valid pixels.
+
+    UniMatch divides the masked CE by the number of valid pixels (not by the confident ones), so a batch with
+    few confident pixels contributes little instead of a noisy large term. The Dice part is a batch soft Dice over
+    foreground classes restricted to the mask.
+    """
+
+    def __init__(self, smooth: float = 1e-5, do_bg: bool = False):
+        super().__init__()
+        self.smooth = smooth
+        self.do_bg = do_bg
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                valid: torch.Tensor | None = None) -> torch.Tensor:
+        target = target.long()
+        valid = torch.ones_like(mask) if valid is None else valid.float()
+        mask = mask * valid
+        ce = F.cross_entropy(logits.float(), target.clamp(min=0), reduction="none")
+        ce = (ce * mask).sum() / valid.sum().clamp(min=1.0)
+
+        probs = torch.softmax(logits.float(), dim=1)
+        onehot = torch.zeros_like(probs).scatter_(1, target.clamp(min=0).unsqueeze(1), 1.0)
+        m = mask.unsqueeze(1)
+        axes = [0] + list(range(2, probs.dim()))
+        inter = (probs * onehot * m).sum(axes)
+        denom = (probs * m).sum(axes) + (onehot * m).sum(axes)
+        dice = (2 * inter + self.smooth) / (denom + self.smooth)
+        if not self.do_bg:
+            dice = dice[1:]
+        return (ce + (1 - dice.mean())) / 2
+
+
+def resize_like(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Nearest-neighbour resize of a (B, *sp) map to a deep-supervision output's spatial size."""
+    if tuple(x.shape[1:]) == tuple(size):
+        return x
+    return F.interpolate(x.unsqueeze(1).float(), size=size, mode="nearest-exact").squeeze(1).to(x.dtype)
+
+
+def deep_supervision_targets(outputs: list[torch.Tensor] | torch.Tensor,
+                             *maps: torch.Tensor) -> list[list[torch.Tensor]]:
+    """For each map (labels, masks), one nearest-resized copy per network output (nnU-Net's deep supervision)."""
+    outs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    return [[resize_like(m, tuple(o.shape[2:])) for o in outs] for m in maps]

@@ -1,0 +1,204 @@
+"""Preprocess ``imagesUnlabeled`` with nnU-Net's own preprocessor and the dataset's plans.
+
+The output sits beside the configuration's labeled data (``<data_identifier>_unlabeled``) so that the unlabeled
+patches a trainer sees went through exactly the same transpose, crop, normalisation and resampling as the labeled
+ones. A stamp records what the output was made from; a trainer re-runs this when the stamp no longer matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+from batchgenerators.utilities.file_and_folder_operations import load_json, load_pickle, write_pickle
+from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from tqdm import tqdm
+
+from nnunetv2_sss.unlabeled.layout import (
+    unlabeled_preprocessed_folder,
+    unlabeled_raw_folder,
+    unlabeled_stamp_file,
+)
+
+
+class UnlabeledDataError(RuntimeError):
+    """Bad unlabeled input: the message says which file and what to do."""
+
+
+def find_unlabeled_cases(raw_dataset_folder: Path, dataset_json: dict) -> dict[str, list[str]]:
+    """Map case id -> channel files of ``imagesUnlabeled``, checked against imagesTr's conventions."""
+    folder = unlabeled_raw_folder(raw_dataset_folder)
+    file_ending = dataset_json["file_ending"]
+    n_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
+    if not folder.is_dir():
+        raise UnlabeledDataError(
+            f"No unlabeled images: {folder} does not exist. Put unlabeled images there as CASE_0000{file_ending} "
+            f"(same channels and file ending as imagesTr), or train with a supervised trainer such as nnUNetTrainer.")
+    cases: dict[str, dict[int, str]] = {}
+    for f in sorted(folder.iterdir()):
+        if f.name.startswith(".") or f.is_dir():
+            continue
+        if not f.name.endswith(file_ending):
+            raise UnlabeledDataError(
+                f"{f}: file ending differs from imagesTr ('{file_ending}' in dataset.json). Convert it to "
+                f"{file_ending} or remove it from {folder}.")
+        stem = f.name[: -len(file_ending)]
+        if len(stem) < 6 or stem[-5] != "_" or not stem[-4:].isdigit():
+            raise UnlabeledDataError(
+                f"{f}: expected the nnU-Net name CASE_XXXX{file_ending} (4-digit channel index). Rename it, "
+                f"e.g. {stem}_0000{file_ending}.")
+        cases.setdefault(stem[:-5], {})[int(stem[-4:])] = str(f)
+    if not cases:
+        raise UnlabeledDataError(
+            f"{folder} holds no images. Semi-supervised trainers need unlabeled images there "
+            f"(CASE_0000{file_ending}); without them train a supervised trainer such as nnUNetTrainer.")
+    result = {}
+    for case, channels in cases.items():
+        if sorted(channels) != list(range(n_channels)):
+            raise UnlabeledDataError(
+                f"Unlabeled case '{case}' in {folder} has channel files {sorted(channels)} but dataset.json declares "
+                f"{n_channels} channel(s) ({dataset_json.get('channel_names')}): provide exactly "
+                + ", ".join(f"{case}_{c:04d}{file_ending}" for c in range(n_channels)) + ".")
+        result[case] = [channels[c] for c in range(n_channels)]
+    return result
+
+
+def _stamp(cases: dict[str, list[str]], plans: dict, plans_identifier: str, configuration: str,
+           configuration_manager: ConfigurationManager) -> dict:
+    def sha(obj) -> str:
+        return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+    return {
+        "plans_identifier": plans_identifier,
+        "configuration": configuration,
+        "data_identifier": configuration_manager.data_identifier,
+        "configuration_sha256": sha(configuration_manager.configuration),
+        "plans_sha256": sha({k: plans.get(k) for k in (
+            "transpose_forward", "transpose_backward", "foreground_intensity_properties_per_channel",
+            "image_reader_writer", "original_median_spacing_after_transp")}),
+        "files": {c: [[Path(f).name, os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in fs]
+                  for c, fs in sorted(cases.items())},
+        "nnunetv2": version("nnunetv2"),
+    }
+
+
+def _load_context(dataset: str | int, configuration: str, plans_identifier: str):
+    dataset_name = maybe_convert_to_dataset_name(dataset)
+    pre = Path(nnUNet_preprocessed.require()) / dataset_name
+    plans_file = pre / f"{plans_identifier}.json"
+    if not plans_file.is_file():
+        raise UnlabeledDataError(f"{plans_file} not found: run nnUNetv2_plan_and_preprocess -d {dataset} first.")
+    plans = load_json(str(plans_file))
+    plans_manager = PlansManager(plans)
+    if configuration not in plans["configurations"]:
+        raise UnlabeledDataError(f"Configuration '{configuration}' is not in {plans_file} "
+                                 f"(available: {', '.join(plans['configurations'])}).")
+    configuration_manager = plans_manager.get_configuration(configuration)
+    dataset_json = load_json(str(pre / "dataset.json"))
+    raw = Path(nnUNet_raw.require()) / dataset_name
+    return dataset_name, pre, raw, plans, plans_manager, configuration_manager, dataset_json
+
+
+def unlabeled_output_folder(dataset: str | int, configuration: str, plans_identifier: str = "nnUNetPlans") -> Path:
+    """The preprocessed unlabeled folder of a configuration (whether or not it exists yet)."""
+    _, pre, _, _, _, cm, _ = _load_context(dataset, configuration, plans_identifier)
+    return unlabeled_preprocessed_folder(pre, cm.data_identifier)
+
+
+def is_up_to_date(dataset: str | int, configuration: str, plans_identifier: str = "nnUNetPlans") -> bool:
+    """True when the preprocessed unlabeled cases match the current plans and raw files."""
+    _, pre, raw, plans, _, cm, dataset_json = _load_context(dataset, configuration, plans_identifier)
+    stamp_file = unlabeled_stamp_file(unlabeled_preprocessed_folder(pre, cm.data_identifier))
+    if not stamp_file.is_file():
+        return False
+    cases = find_unlabeled_cases(raw, dataset_json)
+    return json.loads(stamp_file.read_text()) == _stamp(cases, plans, plans_identifier, configuration, cm)
+
+
+def _training_data_is_2d(preprocessed_dataset_folder: Path) -> bool | None:
+    fp = preprocessed_dataset_folder / "dataset_fingerprint.json"
+    if not fp.is_file():
+        return None
+    shapes = load_json(str(fp))["shapes_after_crop"]
+    return all(s[0] == 1 for s in shapes)
+
+
+def _preprocess_one(args) -> str:
+    """Worker: nnU-Net's own run_case_save, then the properties nnU-Net's loader needs for an unlabeled case."""
+    case, files, out_trunc, plans_manager, configuration_manager, dataset_json, train_is_2d = args
+    preprocessor = configuration_manager.preprocessor_class(verbose=False)
+    try:
+        preprocessor.run_case_save(out_trunc, files, None, plans_manager, configuration_manager, dataset_json)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file names the user needs
+        raise UnlabeledDataError(
+            f"Could not preprocess unlabeled case '{case}' ({', '.join(files)}): {type(e).__name__}: {e}. Check that "
+            f"the file(s) are readable {dataset_json['file_ending']} images like those in imagesTr.") from e
+    props = load_pickle(out_trunc + ".pkl")
+    shape = props["shape_before_cropping"]
+    if train_is_2d is not None and (shape[0] == 1) != train_is_2d and len(shape) == 3:
+        kind, other = ("3D", "2D") if train_is_2d else ("2D", "3D")
+        raise UnlabeledDataError(
+            f"Unlabeled case '{case}' ({files[0]}) is {kind} (shape {tuple(shape)}) but the labeled training images "
+            f"are {other}. Unlabeled images must have the same dimensionality as imagesTr.")
+    label_manager = plans_manager.get_label_manager(dataset_json)
+    keys = label_manager.foreground_regions if label_manager.has_regions else label_manager.foreground_labels
+    # nnU-Net's loader looks up class_locations even without foreground oversampling; an unlabeled case has none.
+    props["class_locations"] = {tuple(k) if isinstance(k, list) else k: np.zeros((0, 4), dtype=np.int64)
+                                for k in keys}
+    if label_manager.has_ignore_label:
+        props["class_locations"][tuple([-1] + label_manager.all_labels)] = np.zeros((0, 4), dtype=np.int64)
+    props["sss_unlabeled"] = True
+    write_pickle(props, out_trunc + ".pkl")
+    return case
+
+
+def preprocess_unlabeled(dataset: str | int, configuration: str, plans_identifier: str = "nnUNetPlans",
+                         num_processes: int = 2, force: bool = False) -> Path:
+    """Preprocess every unlabeled case; skip when the existing output is up to date (unless ``force``).
+
+    The whole output is written under a temporary name and renamed at the end, so an interrupted run never
+    leaves a folder that looks complete.
+    """
+    dataset_name, pre, raw, plans, plans_manager, cm, dataset_json = _load_context(
+        dataset, configuration, plans_identifier)
+    out = unlabeled_preprocessed_folder(pre, cm.data_identifier)
+    cases = find_unlabeled_cases(raw, dataset_json)
+    stamp = _stamp(cases, plans, plans_identifier, configuration, cm)
+    stamp_file = unlabeled_stamp_file(out)
+    if not force and stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
+        return out
+
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    train_is_2d = _training_data_is_2d(pre)
+    jobs = [(c, fs, str(tmp / c), plans_manager, cm, dataset_json, train_is_2d) for c, fs in cases.items()]
+    try:
+        desc = f"Preprocessing unlabeled cases ({dataset_name}, {configuration})"
+        if num_processes <= 1:
+            for j in tqdm(jobs, desc=desc):
+                _preprocess_one(j)
+        else:
+            with multiprocessing.get_context("spawn").Pool(min(num_processes, len(jobs))) as pool:
+                for _ in tqdm(pool.imap_unordered(_preprocess_one, jobs), total=len(jobs), desc=desc):
+                    pass
+        stamp_out = unlabeled_stamp_file(tmp)
+        stamp_out.parent.mkdir(parents=True, exist_ok=True)
+        stamp_out.write_text(json.dumps(stamp, indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.with_name(f"{out.name}.old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out

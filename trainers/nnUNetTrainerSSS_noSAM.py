@@ -1,0 +1,14 @@
+"""Shim for nnUNet_extTrainer: re-exports the semi-supervised trainers (no SAM-2 needed)."""
+
+from nnunetv2_sss.training.semi_supervised import (
+    nnUNetTrainerSSS_noSAM,
+    nnUNetTrainerSSS_noSAM_EMA,
+    nnUNetTrainerUniMatch,
+    nnUNetTrainerUniMatch_EMA,
+)
+from nnunetv2_sss.training.variants import (
+    nnUNetTrainerSSS_noSAM_5epochs,
+    nnUNetTrainerSSS_noSAM_demo,
+    nnUNetTrainerSSS_noSAM_smoke,
+    nnUNetTrainerUniMatch_5epochs,
+)
