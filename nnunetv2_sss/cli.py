@@ -130,3 +130,33 @@ def cache_sam2_entry() -> None:
     out = build_sam2_cache_for_dataset(args.dataset, args.configuration, backend, args.plans,
                                        batch_size=args.batch_size)
     print(f"SAM-2 cache ({backend.config_name}, {backend.image_size}px): {out}")
+
+
+def add_config_entry() -> None:
+    parser = argparse.ArgumentParser(
+        description="Add a smaller configuration to a dataset's plans (nnU-Net 'inherits_from'), e.g. for CPU "
+                    "experiments: nnUNetv2_sss_add_config -d 27 --name 2d_small --n-stages 5 --base-features 16 "
+                    "--max-features 256 --batch-size 8")
+    parser.add_argument("-d", "--dataset", required=True)
+    parser.add_argument("--name", required=True, help="name of the new configuration")
+    parser.add_argument("--from", dest="parent", default="2d", help="configuration to inherit from (default 2d)")
+    parser.add_argument("-p", "--plans", default="nnUNetPlans")
+    parser.add_argument("--n-stages", type=int)
+    parser.add_argument("--base-features", type=int)
+    parser.add_argument("--max-features", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--spacing", type=float, nargs="+", help="new target spacing (needs its own preprocessing)")
+    parser.add_argument("--patch-size", type=int, nargs="+", help="new patch size (needs its own preprocessing)")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args()
+    from nnunetv2_sss.training.plans_config import add_configuration
+
+    plans_file, own_data = add_configuration(
+        args.dataset, args.name, args.parent, args.plans, args.n_stages, args.base_features, args.max_features,
+        args.batch_size, args.spacing, args.patch_size, args.overwrite)
+    print(f"Added configuration '{args.name}' to {plans_file}")
+    if own_data:
+        print(f"It has its own spacing/patch size: run nnUNetv2_preprocess -d {args.dataset} -c {args.name} "
+              f"-plans_name {args.plans} (and nnUNetv2_sss_preprocess_unlabeled -d {args.dataset} -c {args.name}).")
+    else:
+        print(f"It reuses the preprocessed data of '{args.parent}'.")

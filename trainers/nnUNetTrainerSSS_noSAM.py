@@ -7,6 +7,7 @@ from nnunetv2_sss.training.semi_supervised import (
     nnUNetTrainerUniMatch_EMA,
 )
 from nnunetv2_sss.training.variants import (
+    nnUNetTrainer_budget,
     nnUNetTrainerSSS_noSAM_5epochs,
     nnUNetTrainerSSS_noSAM_demo,
     nnUNetTrainerSSS_noSAM_smoke,

@@ -49,6 +49,15 @@ def split_batch_across_ranks(global_batch_size: int, world_size: int, rank: int)
     return base + 1 if base * world_size + rank < global_batch_size else base
 
 
+def apply_budget_from_env(trainer: nnUNetTrainer) -> None:
+    """Training length from env vars, so a benchmark gives every trainer the same iteration budget."""
+    for var, attr in (("nnUNet_sss_num_epochs", "num_epochs"),
+                      ("nnUNet_sss_iterations_per_epoch", "num_iterations_per_epoch"),
+                      ("nnUNet_sss_val_iterations_per_epoch", "num_val_iterations_per_epoch")):
+        if os.environ.get(var):
+            setattr(trainer, attr, int(os.environ[var]))
+
+
 def unwrap_network(network: nn.Module) -> nn.Module:
     """The plain network under DDP (``.module``) and torch.compile (``._orig_mod``)."""
     mod = network.module if hasattr(network, "module") and not hasattr(network, "encoder") else network
@@ -90,11 +99,7 @@ class nnUNetTrainerUniMatch(nnUNetTrainer):
         self.ema_teacher: EMATeacher | None = None
         self.sss_step = 0
         self.unlabeled_loss = MaskedCEDiceLoss()
-        budget = os.environ.get("nnUNet_sss_num_epochs"), os.environ.get("nnUNet_sss_iterations_per_epoch")
-        if budget[0]:
-            self.num_epochs = int(budget[0])
-        if budget[1]:
-            self.num_iterations_per_epoch = int(budget[1])
+        apply_budget_from_env(self)
 
     # ------------------------------------------------------------------ setup
     def initialize(self) -> None:
