@@ -78,7 +78,9 @@ def main() -> None:
         results.append(json.loads(line[0][7:]))
         print(f"{tr}: {results[-1]['s_per_it_median']:.3f} s/it", flush=True)
     base = results[0]["s_per_it_median"]
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads {os.environ.get('OMP_NUM_THREADS', '?')}"
+    import torch
+
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
     print(f"\nDataset {a.d}, configuration {a.c}, device {a.device} ({machine}), {a.n} timed iterations\n")
     print("| trainer | labeled batch | unlabeled batch | s/it (median) | ratio vs first | peak memory (MiB) |")
     print("|---|---|---|---|---|---|")
