@@ -108,7 +108,7 @@ def cutmix_masks(batch_size: int, spatial_shape: tuple[int, ...], p: float = 0.5
         if rand(1).item() > p:
             continue
         frac = size_min + (size_max - size_min) * rand(1).item()
-        log_ratios = (rand(ndim) * 2 - 1) * abs(np.log(ratio_min)) / 2
+        log_ratios = ((rand(ndim) * 2 - 1) * abs(np.log(ratio_min)) / 2).numpy()
         log_ratios -= log_ratios.mean()  # keep the product of the side ratios at 1
         sides = [min(s, max(1, round(s * frac ** (1 / ndim) * float(np.exp(r)))))
                  for s, r in zip(spatial_shape, log_ratios)]

@@ -1,0 +1,157 @@
+"""Known-answer tests of pseudo-labels, CutMix, the masked loss, DFE, the EMA rule and the DDP batch split."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from nnunetv2_sss.augment.views import NUM_VIEWS, apply_cutmix, cutmix_masks, get_unlabeled_transforms
+from nnunetv2_sss.consistency.dfe import DFE, DFEScale, dfe_fuse, pooled_cosine
+from nnunetv2_sss.consistency.ema import EMATeacher, ema_momentum
+from nnunetv2_sss.consistency.losses import MaskedCEDiceLoss, deep_supervision_targets, pseudo_label
+from nnunetv2_sss.training.semi_supervised import split_batch_across_ranks
+
+
+def test_confidence_mask_marks_only_confident_pixels():
+    logits = torch.zeros(1, 3, 2, 2)
+    logits[0, 1, 0, 0] = 10.0  # confident class 1
+    logits[0, 2, 1, 1] = 1.0  # weakly class 2
+    labels, conf, mask = pseudo_label(logits, threshold=0.95)
+    assert labels[0, 0, 0] == 1 and labels[0, 1, 1] == 2
+    assert mask[0, 0, 0] == 1 and mask[0, 1, 1] == 0 and mask[0, 0, 1] == 0
+    assert conf[0, 0, 0] > 0.99 and conf[0, 0, 1] == pytest.approx(1 / 3, abs=1e-6)
+
+
+@pytest.mark.parametrize("spatial", [(32, 40), (8, 16, 20)])
+def test_cutmix_mixes_images_and_pseudo_labels_identically(spatial):
+    g = torch.Generator().manual_seed(0)
+    b = 4
+    boxes = cutmix_masks(b, spatial, p=1.0, generator=g)
+    assert boxes.shape == (b, *spatial) and boxes.any(dim=tuple(range(1, boxes.dim()))).all()
+    img = torch.arange(b, dtype=torch.float32).view(b, 1, *[1] * len(spatial)).expand(b, 2, *spatial).clone()
+    lab = torch.arange(b).view(b, *[1] * len(spatial)).expand(b, *spatial).clone()
+    perm = torch.roll(torch.arange(b), 1)
+    img_m = apply_cutmix(img, img[perm], boxes)
+    lab_m = apply_cutmix(lab, lab[perm], boxes)
+    # every pixel of the mixed image carries the sample index its pseudo-label says
+    assert torch.equal(img_m[:, 0].long(), lab_m) and torch.equal(img_m[:, 1].long(), lab_m)
+    assert torch.equal(lab_m[boxes], lab[perm][boxes]) and torch.equal(lab_m[~boxes], lab[~boxes])
+    # each box is one axis-aligned block inside the patch, within the size limits
+    for k in range(b):
+        idx = boxes[k].nonzero()
+        extent = idx.max(0).values - idx.min(0).values + 1
+        assert int(extent.prod()) == int(boxes[k].sum())
+        assert 0.01 <= boxes[k].float().mean() <= 0.5
+
+
+def test_cutmix_probability_zero_gives_no_box():
+    assert not cutmix_masks(3, (16, 16), p=0.0).any()
+
+
+def test_unsupervised_loss_zero_when_views_agree_with_full_confidence():
+    labels = torch.randint(0, 4, (2, 16, 16))
+    logits = torch.nn.functional.one_hot(labels, 4).permute(0, 3, 1, 2).float() * 100.0
+    pl, _, mask = pseudo_label(logits, 0.95)
+    assert mask.all()
+    loss = MaskedCEDiceLoss()(logits, pl, mask)
+    assert loss.item() == pytest.approx(0.0, abs=1e-5)
+    wrong = MaskedCEDiceLoss()(logits.roll(1, dims=1), pl, mask)
+    assert wrong.item() > 1.0
+
+
+def test_unsupervised_loss_ignores_unconfident_and_invalid_pixels():
+    labels = torch.zeros(1, 8, 8, dtype=torch.long)
+    logits = torch.randn(1, 3, 8, 8)
+    zero_mask = torch.zeros(1, 8, 8)
+    assert MaskedCEDiceLoss()(logits, labels, zero_mask).item() == pytest.approx(0.0, abs=1e-6)  # nothing counts
+    half = torch.zeros(1, 8, 8)
+    half[:, :4] = 1
+    masked = MaskedCEDiceLoss()(logits, labels, half)
+    logits_changed = logits.clone()
+    logits_changed[..., 4:, :] = torch.randn(1, 3, 4, 8) * 5  # only unmasked pixels change
+    assert MaskedCEDiceLoss()(logits_changed, labels, half).item() == pytest.approx(masked.item(), abs=1e-6)
+    ce_only = MaskedCEDiceLoss(do_bg=True)
+    full = ce_only(logits, labels, torch.ones(1, 8, 8), valid=torch.zeros(1, 8, 8))
+    assert full.item() == pytest.approx(0.0, abs=1e-4)
+
+
+def test_deep_supervision_targets_follow_output_sizes():
+    outs = [torch.zeros(2, 3, 16, 16), torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 4, 4)]
+    lab = torch.randint(0, 3, (2, 16, 16))
+    (labs,) = deep_supervision_targets(outs, lab)
+    assert [tuple(t.shape) for t in labs] == [(2, 16, 16), (2, 8, 8), (2, 4, 4)]
+    assert torch.equal(labs[0], lab) and labs[1].dtype == lab.dtype
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d, nn.Conv3d])
+def test_dfe_shapes_at_every_scale_and_gradients(conv):
+    chans = [4, 8, 16, 32]
+    spatial = [(32, 32), (16, 16), (8, 8), (4, 4)] if conv is nn.Conv2d else \
+        [(8, 16, 16), (4, 8, 8), (2, 4, 4), (1, 2, 2)]
+    weak = [torch.randn(2, c, *s, requires_grad=True) for c, s in zip(chans, spatial)]
+    strong = [torch.randn(2, c, *s, requires_grad=True) for c, s in zip(chans, spatial)]
+    dfe = DFE(chans, conv, num_scales=3)
+    out, sim = dfe(weak, strong)
+    assert dfe.scale_indices == [1, 2, 3]
+    assert [o.shape for o in out] == [s.shape for s in strong]
+    assert out[0] is strong[0]  # scales outside DFE pass through
+    assert sim.shape == (2,)
+    sum(o.sum() for o in out[1:]).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in dfe.parameters())
+    assert weak[2].grad is not None and strong[2].grad is not None
+
+
+def test_dfe_identical_views_have_similarity_one_and_no_discrepancy():
+    mlp = nn.Sequential(nn.Conv2d(6, 6, 1), nn.GELU())
+    a = torch.randn(3, 6, 5, 5)
+    adjusted, s = dfe_fuse(a, a.clone(), mlp)
+    assert torch.allclose(s, torch.ones(3), atol=1e-6)
+    assert torch.allclose(adjusted, mlp(a), atol=1e-6)  # w*MLP + (1-w)*MLP, no (A_s - A_w) term
+    b = torch.randn(3, 6, 5, 5)
+    adjusted_b, s_b = dfe_fuse(a, b, mlp)
+    w = torch.sigmoid(s_b).view(-1, 1, 1, 1)
+    expected = w * mlp(a) + (1 - w) * mlp(b) + (1 - s_b).view(-1, 1, 1, 1) * (b - a)
+    assert torch.allclose(adjusted_b, expected, atol=1e-6)
+    assert torch.allclose(s_b, pooled_cosine(a, b))
+
+
+def test_dfe_scale_with_shared_projection_reduces_to_mlp():
+    m = DFEScale(4, nn.Conv2d)
+    m.proj_strong.load_state_dict(m.proj_weak.state_dict())
+    x = torch.randn(2, 4, 6, 6)
+    out, s = m(x, x)
+    assert torch.allclose(s, torch.ones(2), atol=1e-6)
+    assert torch.allclose(out, m.proj_out(m.mlp(m.align(m.proj_weak(x)))), atol=1e-5)
+
+
+def test_ema_update_rule():
+    assert ema_momentum(0) == 0.0 and ema_momentum(1) == 0.5 and ema_momentum(10_000) == 0.996
+    student = nn.Linear(2, 2)
+    teacher = EMATeacher(student)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    t_before = [p.clone() for p in teacher.model.parameters()]
+    teacher.update(student, step=3)  # m = 1 - 1/4 = 0.75
+    for tb, t, s in zip(t_before, teacher.model.parameters(), student.parameters()):
+        assert torch.allclose(t, 0.75 * tb + 0.25 * s)
+    assert not any(p.requires_grad for p in teacher.model.parameters())
+
+
+def test_unlabeled_batch_split_matches_nnunet():
+    for total, world in ((8, 3), (5, 2), (4, 4), (7, 1)):
+        parts = [split_batch_across_ranks(total, world, r) for r in range(world)]
+        assert sum(parts) == total and max(parts) - min(parts) <= 1
+    assert [split_batch_across_ranks(5, 2, r) for r in range(2)] == [3, 2]  # nnU-Net gives rank 0 the extra
+
+
+@pytest.mark.parametrize("patch,dummy2d", [((32, 32), False), ((8, 32, 32), False), ((8, 32, 32), True)])
+def test_unlabeled_transforms_stack_weak_and_two_strong_views(patch, dummy2d):
+    t = get_unlabeled_transforms(patch, rotation_for_DA=(0.0, 0.0), mirror_axes=(0, 1), do_dummy_2d_data_aug=dummy2d)
+    img = torch.randn(1, *patch)
+    seg = torch.randint(0, 3, (2, *patch)).short()
+    out = t(image=img, segmentation=seg)
+    assert out["image"].shape == (NUM_VIEWS, *patch) and out["segmentation"].shape == (2, *patch)
+    weak, s1, s2 = out["image"][0], out["image"][1], out["image"][2]
+    assert not torch.equal(s1, s2) or not torch.equal(s1, weak)  # strong views are perturbed independently
