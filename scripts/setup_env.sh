@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create .venv in the project (if missing) and install the measured working set:
+# torch 2.14.1 + torchvision 0.29.1, then nnunetv2-sss (pulls nnunetv2 2.8.x), then sam2 1.1.0 without its
+# CUDA extension and without build isolation (it builds against the torch already installed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+if ! python -c "import torch, torchvision" 2>/dev/null; then
+  pip install --upgrade pip
+  pip install torch==2.14.1 torchvision==0.29.1
+fi
+pip install -e ".[test]"
+if ! python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('sam2') is None)"; then
+  SAM2_BUILD_CUDA=0 pip install --no-build-isolation sam2==1.1.0
+fi
+echo "environment ready: $(pwd)/.venv"
