@@ -72,8 +72,9 @@ def channel_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
 class nnUNetTrainerUniMatch(nnUNetTrainer):
     """Weak-to-strong consistency (UniMatch) on unlabeled images inside nnU-Net; no DFE, no SAM-2."""
 
-    # unlabeled batch = round(labeled batch * ratio), at least 2 so CutMix has a partner
-    unlabeled_batch_ratio: float = 0.5
+    # unlabeled batch = round(labeled batch * ratio), at least 2 so CutMix has a partner; 0.25 keeps an iteration
+    # within ~2.5x the cost of a supervised one (scripts/benchmark_iteration.py)
+    unlabeled_batch_ratio: float = 0.25
     confidence_threshold: float = 0.95
     # UniMatch: (sup + 0.25*s1 + 0.25*s2 + 0.5*fp) / 2
     lambda_s1: float = 0.25
