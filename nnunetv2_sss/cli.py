@@ -160,3 +160,81 @@ def add_config_entry() -> None:
               f"-plans_name {args.plans} (and nnUNetv2_sss_preprocess_unlabeled -d {args.dataset} -c {args.name}).")
     else:
         print(f"It reuses the preprocessed data of '{args.parent}'.")
+
+
+def make_synthetic_entry() -> None:
+    """``nnUNetv2_sss_make_synthetic``: the generated cardiac-like dataset, so a demo needs no download."""
+    parser = argparse.ArgumentParser(
+        description="Write a small synthetic cardiac-like dataset (labels RV/MYO/LV look-alikes, spacing 5x1.5x1.5 "
+                    "mm) to nnUNet_raw: imagesTr/labelsTr, imagesUnlabeled, imagesTs/labelsTs.")
+    parser.add_argument("-d", "--dataset_id", type=int, default=990, help="dataset id (default: 990)")
+    parser.add_argument("--name", default="SSSSynthetic", help="dataset name (default: SSSSynthetic)")
+    parser.add_argument("--n_labeled", type=int, default=6, help="labeled training cases (default: 6)")
+    parser.add_argument("--n_unlabeled", type=int, default=16, help="unlabeled cases (default: 16)")
+    parser.add_argument("--n_test", type=int, default=6, help="test cases with labels (default: 6)")
+    parser.add_argument("--shape", type=int, nargs=3, default=(6, 64, 64), metavar=("Z", "Y", "X"),
+                        help="volume shape (default: 6 64 64)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset with this id")
+    args = parser.parse_args()
+    from nnunetv2_sss.datasets.label_budget import DatasetToolError
+    from nnunetv2_sss.datasets.synthetic import make_synthetic_dataset
+
+    try:
+        out = make_synthetic_dataset(args.dataset_id, args.name, args.n_labeled, args.n_unlabeled, args.n_test,
+                                     args.seed, tuple(args.shape), args.overwrite)
+    except DatasetToolError as e:
+        parser.exit(1, f"error: {e}\n")
+    print(f"synthetic dataset: {out}")
+
+
+def label_budget_entry() -> None:
+    """``nnUNetv2_sss_label_budget``: a copy of a raw dataset where only some cases (or patients) keep labels."""
+    parser = argparse.ArgumentParser(
+        description="Copy nnU-Net raw dataset D to NEW_ID keeping labels only for the chosen cases; the other "
+                    "training cases move to imagesUnlabeled/. Example: nnUNetv2_sss_label_budget -d 27 -o 127 --n 3 "
+                    "--group-regex '(patient\\d+)'")
+    parser.add_argument("-d", "--dataset", required=True, help="source dataset name or id")
+    parser.add_argument("-o", "--new_id", type=int, required=True, help="id of the new dataset")
+    sel = parser.add_mutually_exclusive_group(required=True)
+    sel.add_argument("--n", type=int, help="number of cases (groups with --group-regex) to keep labeled")
+    sel.add_argument("--fraction", type=float, help="fraction of cases (groups) to keep labeled, in (0, 1]")
+    sel.add_argument("--cases", nargs="+", help="case ids (or group keys with --group-regex) to keep labeled")
+    parser.add_argument("--group-regex", default=None,
+                        help="regex whose first group names a case's group (e.g. patient); groups are chosen whole")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for --n / --fraction (default: 0)")
+    parser.add_argument("--name", default=None, help="name of the new dataset (default: <source>_<k>cases|groups)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset with id NEW_ID")
+    args = parser.parse_args()
+    from nnunetv2_sss.datasets.label_budget import DatasetToolError, make_label_budget
+
+    try:
+        out = make_label_budget(args.dataset, args.new_id, n=args.n, fraction=args.fraction, cases=args.cases,
+                                group_regex=args.group_regex, seed=args.seed, name=args.name,
+                                overwrite=args.overwrite)
+    except DatasetToolError as e:
+        parser.exit(1, f"error: {e}\n")
+    print(f"label-budget dataset: {out}")
+
+
+def convert_acdc_entry() -> None:
+    """``nnUNetv2_sss_convert_acdc``: SSL4MIS-style ACDC HDF5 -> nnU-Net raw with a standard low-label split."""
+    parser = argparse.ArgumentParser(
+        description="Convert ACDC in the SSL4MIS/UniMatch HDF5 layout (data/, train.list, val.list) to an nnU-Net raw "
+                    "dataset: labeled patients -> imagesTr/labelsTr, other training patients -> imagesUnlabeled, "
+                    "validation volumes -> imagesTs/labelsTs. Spacing (z,y,x) = (10, 1, 1): the files store none.")
+    parser.add_argument("-i", "--input", required=True, help="ACDC folder holding data/, train.list and val.list")
+    parser.add_argument("-d", "--dataset_id", type=int, default=27, help="dataset id (default: 27)")
+    parser.add_argument("--labeled", required=True,
+                        help="labeled patients: 1, 3 or 7 (standard splits), all, or a comma list such as 38,50,99")
+    parser.add_argument("--name", default=None, help="dataset name (default: ACDC or ACDC_<k>labeled)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset with this id")
+    args = parser.parse_args()
+    from nnunetv2_sss.datasets.acdc import convert_acdc
+    from nnunetv2_sss.datasets.label_budget import DatasetToolError
+
+    try:
+        out = convert_acdc(Path(args.input), args.dataset_id, args.labeled, args.name, args.overwrite)
+    except DatasetToolError as e:
+        parser.exit(1, f"error: {e}\n")
+    print(f"ACDC dataset: {out}")
