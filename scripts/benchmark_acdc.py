@@ -108,6 +108,9 @@ def main() -> None:
         run([bin_cmd("nnUNetv2_extract_fingerprint"), "-d", str(FULL_ID), "-np", str(a.np)], env, logs / "plan.log")
         run([bin_cmd("nnUNetv2_move_plans_between_datasets"), "-s", str(SEMI_ID), "-t", str(FULL_ID),
              "-sp", "nnUNetPlans", "-tp", "nnUNetPlans"], env, logs / "plan.log")
+        full_name = next(Path(env["nnUNet_raw"]).glob(f"Dataset{FULL_ID:03d}_*")).name
+        shutil.copy(Path(env["nnUNet_raw"]) / full_name / "dataset.json",  # as nnUNetv2_plan_experiment would
+                    Path(env["nnUNet_preprocessed"]) / full_name / "dataset.json")
         for ds_id in (SEMI_ID, FULL_ID):
             run([bin_cmd("nnUNetv2_preprocess"), "-d", str(ds_id), "-c", CONFIG, "-np", str(a.np)], env,
                 logs / "plan.log")
