@@ -67,6 +67,7 @@ def main() -> None:
         return
     env = dict(os.environ)
     env.setdefault("nnUNet_compile", "f")
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     results = []
     for tr in a.tr:
         cmd = [sys.executable, __file__, "-d", a.d, "-c", a.c, "-n", str(a.n), "--warmup", str(a.warmup),

@@ -36,6 +36,7 @@ def main() -> None:
     env.setdefault("nnUNet_compile", "f")
     env.setdefault("nnUNet_n_proc_DA", "1")
     env.setdefault("nnUNet_def_n_proc", "1")
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep instead of spinning
     os.environ.update(env)
     from nnunetv2_sss.cli import ensure_ext_trainer_env
     from nnunetv2_sss.datasets.synthetic import make_synthetic_dataset

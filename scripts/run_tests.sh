@@ -6,4 +6,5 @@ bash scripts/setup_env.sh
 . .venv/bin/activate
 ruff check .
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 python -m pytest -v --durations=15 "$@"

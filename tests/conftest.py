@@ -12,6 +12,7 @@ SHARED_DATA = Path(os.environ.get("NNUNET_SSS_SHARED_DATA", PROJECT_ROOT.parent 
 
 # Keep the 2-core CPU usable and nnU-Net quiet and in-process where it can be.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep instead of spinning
 os.environ.setdefault("nnUNet_compile", "f")
 os.environ.setdefault("nnUNet_def_n_proc", "1")
 
