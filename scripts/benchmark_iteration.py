@@ -6,6 +6,12 @@ loading included, as in ``run_training``. Peak memory is the process's max RSS o
 ``torch.cuda.max_memory_allocated`` on CUDA.
 
     python scripts/benchmark_iteration.py -d 990 -c 2d -tr nnUNetTrainer nnUNetTrainerSSS_noSAM -n 20
+
+``-tr nnUNetTrainerSSS_SAMTermTiming`` times the per-step part of ``nnUNetTrainerSSS``'s SAM-2 term (the SAM maps
+loaded and warped with each unlabeled patch, the SAM loss on both strong views) with a timing double defined here:
+all-ignore maps stand in for SAM-2 output, so no checkpoint is needed and the step does the same arithmetic. The
+periodic refresh (student prediction, PCSW, SAM-2 decode from the cache) is timed by ``scripts/benchmark_sam2.py``;
+amortised over ``sam_refresh_every`` epochs it adds (refresh seconds) / (sam_refresh_every * iterations per epoch).
 """
 
 from __future__ import annotations
@@ -21,6 +27,33 @@ import sys
 import time
 from pathlib import Path
 
+SAM_TERM_TIMING = "nnUNetTrainerSSS_SAMTermTiming"
+
+
+def sam_term_timing_trainer(dataset: str, configuration: str, device):
+    """Timing double for nnUNetTrainerSSS's per-step SAM work (see the module docstring); never a result."""
+    from batchgenerators.utilities.file_and_folder_operations import join, load_json
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    from nnunetv2_sss.sam.refresh import init_empty_pseudolabels
+    from nnunetv2_sss.training.semi_supervised import nnUNetTrainerSSS_noSAM
+
+    class nnUNetTrainerSSS_SAMTermTiming(nnUNetTrainerSSS_noSAM):
+        use_sam = True
+        lambda_sam = 0.5
+
+        def prepare_unlabeled_data(self) -> None:
+            super().prepare_unlabeled_data()
+            init_empty_pseudolabels(self.unlabeled_folder)
+
+        def sam_loss_weight(self) -> float:
+            return self.lambda_sam
+
+    folder = join(nnUNet_preprocessed, maybe_convert_to_dataset_name(dataset))
+    return nnUNetTrainerSSS_SAMTermTiming(load_json(join(folder, "nnUNetPlans.json")), configuration, "all",
+                                          load_json(join(folder, "dataset.json")), device)
+
 
 def run_one(dataset: str, configuration: str, trainer: str, n: int, warmup: int, device: str) -> dict:
     import torch
@@ -29,7 +62,10 @@ def run_one(dataset: str, configuration: str, trainer: str, n: int, warmup: int,
     from nnunetv2_sss.cli import ensure_ext_trainer_env
 
     ensure_ext_trainer_env()
-    t = get_trainer_from_args(dataset, configuration, "all", trainer, "nnUNetPlans", device=torch.device(device))
+    if trainer == SAM_TERM_TIMING:
+        t = sam_term_timing_trainer(dataset, configuration, torch.device(device))
+    else:
+        t = get_trainer_from_args(dataset, configuration, "all", trainer, "nnUNetPlans", device=torch.device(device))
     t.disable_checkpointing = True
     t.on_train_start()
     t.on_train_epoch_start()

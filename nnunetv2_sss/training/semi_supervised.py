@@ -230,9 +230,12 @@ class nnUNetTrainerUniMatch(nnUNetTrainer):
             pl2, mask2, valid2 = (apply_cutmix(t, t[perm], box2) for t in (pl, mask, valid))
 
             skips_u = [s[n_l:] for s in skips]
-            out_fp = net.decoder([channel_dropout(s, self.feature_dropout_p) for s in skips_u])
-            out_fp = list(out_fp) if isinstance(out_fp, (list, tuple)) else [out_fp]
-            l_fp = self.unsupervised_loss(out_fp, pl, mask, valid)
+            if self.lambda_fp > 0:  # SemiSAM has no feature-perturbation stream: skip its decoder pass
+                out_fp = net.decoder([channel_dropout(s, self.feature_dropout_p) for s in skips_u])
+                out_fp = list(out_fp) if isinstance(out_fp, (list, tuple)) else [out_fp]
+                l_fp = self.unsupervised_loss(out_fp, pl, mask, valid)
+            else:
+                l_fp = outs[0].new_zeros(())
 
             skips_s = net.encoder(torch.cat((x_s1, x_s2)))
             out_s = net.decoder(skips_s)
@@ -285,7 +288,8 @@ class nnUNetTrainerUniMatch(nnUNetTrainer):
         if self.ema_teacher is not None:
             self.ema_teacher.update(net, self.sss_step)
 
-        logs.update(sss_loss_s1=l_s1.item(), sss_loss_s2=l_s2.item(), sss_loss_fp=l_fp.item(),
+        logs.update(sss_loss_s1=l_s1.item(), sss_loss_s2=l_s2.item(),
+                    sss_loss_fp=l_fp.item() if self.lambda_fp > 0 else math.nan,
                     sss_confident_fraction=(mask.sum() / valid.sum().clamp(min=1)).item())
         result = {"loss": loss.detach().cpu().numpy()}
         for k in LOSS_KEYS + FRACTION_KEYS:
