@@ -45,12 +45,13 @@ class SSSLocalLogger(LocalLogger):
         x = list(range(epoch + 1))
         h, w = stock.shape[:2]
         panel_h = h / 3
-        fig = plt.figure(figsize=(w / 100, (h + panel_h) / 100), dpi=100)
-        gs = fig.add_gridspec(2, 1, height_ratios=[h, panel_h], hspace=0.02)
-        ax_img = fig.add_subplot(gs[0])
-        ax_img.imshow(stock)
+        total = h + panel_h
+        fig = plt.figure(figsize=(w / 100, total / 100), dpi=100)
+        ax_img = fig.add_axes((0, panel_h / total, 1, h / total))  # the stock figure, pixel for pixel
+        ax_img.imshow(stock, aspect="auto")
         ax_img.axis("off")
-        ax = fig.add_subplot(gs[1])
+        bottom, legend_room = 110, 150  # pixels for the x label below and the legends above the panel
+        ax = fig.add_axes((0.08, bottom / total, 0.84, (panel_h - bottom - legend_room) / total))
         for k in self.loss_keys:
             ax.plot(x, self.my_fantastic_logging[k][: epoch + 1], ls="-", label=k.removeprefix("sss_"), linewidth=4)
         ax.set_xlabel("epoch", fontsize=30)
@@ -61,7 +62,10 @@ class SSSLocalLogger(LocalLogger):
             vals = np.asarray(self.my_fantastic_logging[k][: epoch + 1], dtype=float)
             ax2.plot(x, vals, ls="dotted", label=k.removeprefix("sss_"), linewidth=4)
         ax2.set_ylabel("fraction / agreement", fontsize=30)
-        ax2.set_ylim(0, 1.05)
+        # fractions and agreement live in [0, 1]; the DFE cosine similarity may go negative
+        lowest = [np.nanmin(v) for k in self.fraction_keys
+                  if np.isfinite(v := np.asarray(self.my_fantastic_logging[k][: epoch + 1], dtype=float)).any()]
+        ax2.set_ylim(min([0.0, *lowest]) - 0.05, 1.05)
         ax2.tick_params(labelsize=24)
         ax.legend(loc=(0, 1), fontsize=24, ncol=3)
         ax2.legend(loc=(0.6, 1), fontsize=24)
