@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,40 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep instead of spinning
 os.environ.setdefault("nnUNet_compile", "f")
 os.environ.setdefault("nnUNet_def_n_proc", "1")
+
+BIN = Path(sys.executable).parent
+SAM2_TINY = "configs/sam2.1/sam2.1_hiera_t.yaml"
+
+
+def run_cli(env: dict[str, str], *cmd: str, ok: bool = True) -> subprocess.CompletedProcess:
+    """Run one of the venv's console scripts (nnU-Net's or ours); on failure show the tail of its output."""
+    if cmd[0] == "nnUNetv2_plan_and_preprocess":  # nnU-Net's planner sets torch threads from nnUNet_n_proc_DA
+        env = {**env, "nnUNet_n_proc_DA": "1"}
+    proc = subprocess.run([str(BIN / cmd[0]), *cmd[1:]], env=env, capture_output=True, text=True)
+    if ok and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def save_random_sam2_checkpoint(folder: Path, image_size: int) -> Path:
+    """A real SAM-2.1 tiny with RANDOM weights, saved like the official file ({"model": state_dict}, official
+    name), so it loads through the same code path as a real checkpoint. Geometry and plumbing only."""
+    import torch
+    from sam2.build_sam import build_sam2
+
+    torch.manual_seed(0)
+    model = build_sam2(SAM2_TINY, None, device="cpu", hydra_overrides_extra=[f"++model.image_size={image_size}"])
+    path = folder / "sam2.1_hiera_tiny.pt"
+    torch.save({"model": model.state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _hash_memo_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep the SAM-2 checkpoint-hash memo out of the user's ~/.cache (subprocesses inherit the variable)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
+        yield
 
 
 @pytest.fixture

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from conftest import run_cli
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
 DATASET_ID = 981
 
 
@@ -31,15 +29,6 @@ def _env(dirs: dict[str, Path]) -> dict[str, str]:
     env.update(nnUNet_n_proc_DA="0", nnUNet_compile="f", nnUNet_def_n_proc="1", OMP_NUM_THREADS="1")
     env["nnUNet_extTrainer"] = ensure_ext_trainer_env()
     return env
-
-
-def _run(env: dict[str, str], *cmd: str, ok: bool = True) -> subprocess.CompletedProcess:
-    if cmd[0] == "nnUNetv2_plan_and_preprocess":  # nnU-Net's planner sets torch threads from nnUNet_n_proc_DA
-        env = {**env, "nnUNet_n_proc_DA": "1"}
-    proc = subprocess.run([str(BIN / cmd[0]), *cmd[1:]], env=env, capture_output=True, text=True)
-    if ok and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +43,7 @@ def planned(tmp_path_factory: pytest.TempPathFactory):
     from nnunetv2_sss.datasets.synthetic import make_synthetic_dataset
 
     raw = make_synthetic_dataset(dataset_id=DATASET_ID, n_labeled=5, n_unlabeled=6, n_test=2, overwrite=True)
-    _run(env, "nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "1")
+    run_cli(env, "nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "1")
     yield env, dirs, raw
     for k, v in old.items():
         if v is None:
@@ -65,7 +54,7 @@ def planned(tmp_path_factory: pytest.TempPathFactory):
 
 def test_preprocess_unlabeled_cli_output_and_staleness(planned):
     env, dirs, raw = planned
-    proc = _run(env, "nnUNetv2_sss_preprocess_unlabeled", "-d", str(DATASET_ID), "-c", "2d", "-np", "1")
+    proc = run_cli(env, "nnUNetv2_sss_preprocess_unlabeled", "-d", str(DATASET_ID), "-c", "2d", "-np", "1")
     out = dirs["nnUNet_preprocessed"] / raw.name / "nnUNetPlans_2d_unlabeled"
     assert str(out) in proc.stdout
     cases = sorted(p.name[:-5] for p in out.glob("*.b2nd") if not p.name.endswith("_seg.b2nd"))
@@ -80,7 +69,7 @@ def test_preprocess_unlabeled_cli_output_and_staleness(planned):
     img = next((raw / "imagesUnlabeled").glob("*.nii.gz"))
     os.utime(img, ns=(img.stat().st_atime_ns, img.stat().st_mtime_ns + 10**9))
     assert not is_up_to_date(DATASET_ID, "2d")
-    _run(env, "nnUNetv2_sss_preprocess_unlabeled", "-d", str(DATASET_ID), "-c", "2d", "-np", "1")
+    run_cli(env, "nnUNetv2_sss_preprocess_unlabeled", "-d", str(DATASET_ID), "-c", "2d", "-np", "1")
     assert is_up_to_date(DATASET_ID, "2d")
     assert not list(out.parent.glob("*.tmp-*")) and not list(out.parent.glob("*.old-*"))
 
@@ -88,7 +77,7 @@ def test_preprocess_unlabeled_cli_output_and_staleness(planned):
 def test_train_with_stock_command_then_predict(planned):
     env, dirs, raw = planned
     trainer = "nnUNetTrainerSSS_noSAM_smoke"
-    _run(env, "nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", trainer, "-device", "cpu")
+    run_cli(env, "nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", trainer, "-device", "cpu")
     fold = dirs["nnUNet_results"] / raw.name / f"{trainer}__nnUNetPlans__2d" / "fold_0"
     assert (fold / "progress.png").is_file() and (fold / "checkpoint_final.pth").is_file()
     ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
@@ -110,9 +99,9 @@ def test_train_with_stock_command_then_predict(planned):
     net.load_state_dict(ckpt["network_weights"])
 
     pred = dirs["nnUNet_results"].parent / "pred"
-    _run(env, "nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", str(DATASET_ID), "-c", "2d",
-         "-f", "0", "-tr", trainer, "-chk", "checkpoint_final.pth", "-npp", "1", "-nps", "1", "-device", "cpu",
-         "--disable_tta")
+    run_cli(env, "nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", str(DATASET_ID), "-c", "2d",
+            "-f", "0", "-tr", trainer, "-chk", "checkpoint_final.pth", "-npp", "1", "-nps", "1", "-device", "cpu",
+            "--disable_tta")
     outs = sorted(pred.glob("*.nii.gz"))
     assert len(outs) == 2
     ref = sitk.ReadImage(str(next((raw / "labelsTs").glob("*.nii.gz"))))
@@ -121,7 +110,7 @@ def test_train_with_stock_command_then_predict(planned):
     assert set(np.unique(sitk.GetArrayFromImage(got))) <= {0, 1, 2, 3}
 
     # --c continues from the final checkpoint's epoch count (already finished: training exits cleanly)
-    _run(env, "nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", trainer, "-device", "cpu", "--c")
+    run_cli(env, "nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", trainer, "-device", "cpu", "--c")
 
 
 def test_checkpoint_round_trip_restores_network_dfe_ema_optimizer(planned, tmp_path):
@@ -205,8 +194,8 @@ def test_sss_trainer_without_unlabeled_images_fails_with_advice(planned, tmp_pat
     moved = raw.parent / "unlabeled_away"
     unl.rename(moved)
     try:
-        proc = _run(env, "nnUNetv2_train", str(DATASET_ID), "2d", "1", "-tr", "nnUNetTrainerSSS_noSAM_smoke",
-                    "-device", "cpu", ok=False)
+        proc = run_cli(env, "nnUNetv2_train", str(DATASET_ID), "2d", "1", "-tr", "nnUNetTrainerSSS_noSAM_smoke",
+                       "-device", "cpu", ok=False)
         assert proc.returncode != 0
         assert "imagesUnlabeled does not exist" in proc.stdout + proc.stderr
         assert "nnUNetTrainer" in proc.stdout + proc.stderr
@@ -233,8 +222,8 @@ def test_hippocampus_3d_fullres_on_a_label_budget(hippocampus_dir, nnunet_dirs, 
     out = make_label_budget(970, 971, n=4, seed=0)
     assert len(list((out / "imagesUnlabeled").glob("*.nii.gz"))) == 8
     env = _env(nnunet_dirs)
-    _run(env, "nnUNetv2_plan_and_preprocess", "-d", "971", "-c", "3d_fullres", "-np", "1")
-    _run(env, "nnUNetv2_train", "971", "3d_fullres", "all", "-tr", "nnUNetTrainerSSS_noSAM_smoke", "-device", "cpu")
+    run_cli(env, "nnUNetv2_plan_and_preprocess", "-d", "971", "-c", "3d_fullres", "-np", "1")
+    run_cli(env, "nnUNetv2_train", "971", "3d_fullres", "all", "-tr", "nnUNetTrainerSSS_noSAM_smoke", "-device", "cpu")
     fold = nnunet_dirs["nnUNet_results"] / out.name / "nnUNetTrainerSSS_noSAM_smoke__nnUNetPlans__3d_fullres"
     ckpt = torch.load(fold / "fold_all" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert np.isfinite(ckpt["logging"]["sss_loss_s1"]).all()

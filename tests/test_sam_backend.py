@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SAM2_TINY, save_random_sam2_checkpoint
 
 from nnunetv2_sss.sam.backend import (
     ENV_CHECKPOINT,
@@ -45,27 +46,13 @@ from nnunetv2_sss.sam.cache import (
 from nnunetv2_sss.unlabeled.layout import sam2_cache_folder
 
 S = 128  # SAM image size in these tests: tiny keeps the encoder at ~0.1 s per slice on this CPU
-TINY = "configs/sam2.1/sam2.1_hiera_t.yaml"
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _hash_memo_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Keep the checkpoint-hash memo out of the user's ~/.cache."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
-        yield
+TINY = SAM2_TINY
 
 
 @pytest.fixture(scope="session")
 def sam_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight SAM-2.1 tiny saved like the official file: {"model": state_dict}, official file name."""
-    from sam2.build_sam import build_sam2
-
-    torch.manual_seed(0)
-    model = build_sam2(TINY, None, device="cpu", hydra_overrides_extra=[f"++model.image_size={S}"])
-    path = tmp_path_factory.mktemp("sam_ckpt") / "sam2.1_hiera_tiny.pt"
-    torch.save({"model": model.state_dict()}, path)
-    return path
+    return save_random_sam2_checkpoint(tmp_path_factory.mktemp("sam_ckpt"), S)
 
 
 @pytest.fixture(scope="session")

@@ -11,13 +11,12 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import SAM2_TINY, run_cli, save_random_sam2_checkpoint
 
 from nnunetv2_sss.sam.backend import ENV_CHECKPOINT, ENV_CONFIG, NO_SAM_TRAINER, SAM2Backend
 from nnunetv2_sss.sam.pcsw import PCSWConfig, SlicePrompt
@@ -38,30 +37,15 @@ from nnunetv2_sss.sam.refresh import (
 from nnunetv2_sss.unlabeled.layout import sam2_cache_folder, sam_pseudolabel_folder
 
 S = 256  # the smoke trainers' SAM image size: the tests' cache is the trainers' cache
-TINY = "configs/sam2.1/sam2.1_hiera_t.yaml"
-BIN = Path(sys.executable).parent
+TINY = SAM2_TINY
 DATASET_ID = 983
 TWIN = "twin000"  # an unlabeled copy of labeled case syn_tr000: its ground truth is known after preprocessing
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _hash_memo_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Keep the checkpoint-hash memo out of the user's ~/.cache (subprocesses inherit the variable)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
-        yield
 
 
 @pytest.fixture(scope="session")
 def sam_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Random-weight SAM-2.1 tiny saved like the official file ({"model": state_dict}, official name)."""
-    from sam2.build_sam import build_sam2
-
-    torch.manual_seed(0)
-    model = build_sam2(TINY, None, device="cpu", hydra_overrides_extra=[f"++model.image_size={S}"])
-    path = tmp_path_factory.mktemp("sam_ckpt") / "sam2.1_hiera_tiny.pt"
-    torch.save({"model": model.state_dict()}, path)
-    return path
+    return save_random_sam2_checkpoint(tmp_path_factory.mktemp("sam_ckpt"), S)
 
 
 @pytest.fixture(scope="session")
@@ -219,13 +203,6 @@ def _env(dirs: dict[str, Path], checkpoint: Path | None) -> dict[str, str]:
     return env
 
 
-def _run(env: dict[str, str], *cmd: str, ok: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(BIN / cmd[0]), *cmd[1:]], env=env, capture_output=True, text=True)
-    if ok and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
-
-
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory: pytest.TempPathFactory):
     """Synthetic dataset (5 labeled, 3 unlabeled + an unlabeled twin of syn_tr000, 1 test; 4 x 48 x 48), planned
@@ -244,7 +221,7 @@ def planned(tmp_path_factory: pytest.TempPathFactory):
         shutil.copy(raw / "imagesTr" / "syn_tr000_0000.nii.gz", raw / "imagesUnlabeled" / f"{TWIN}_0000.nii.gz")
         env = _env(dirs, None)
         env.pop("nnUNet_n_proc_DA")  # the planner calls torch.set_num_threads(nnUNet_n_proc_DA): 0 is refused
-        _run(env, "nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "1", "-npfp", "1")
+        run_cli(env, "nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "1", "-npfp", "1")
         yield dirs, raw
 
 
@@ -519,7 +496,7 @@ def test_sss_smoke_train_then_stock_predict_without_sam2(planned, sam_checkpoint
     dirs, raw = planned
     trainer = "nnUNetTrainerSSS_smoke"
     env = _env(dirs, sam_checkpoint)
-    _run(env, "nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", trainer, "-device", "cpu")
+    run_cli(env, "nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", trainer, "-device", "cpu")
     fold = dirs["nnUNet_results"] / raw.name / f"{trainer}__nnUNetPlans__2d" / "fold_0"
     summary = _check_maps_and_refresh(dirs, raw, fold, sam_checkpoint)
     ckpt = _check_stock_checkpoint(fold)
@@ -542,9 +519,9 @@ def test_sss_smoke_train_then_stock_predict_without_sam2(planned, sam_checkpoint
     env_pred = dict(env, PYTHONPATH=os.pathsep.join([str(blocker.parent), env.get("PYTHONPATH", "")]))
     env_pred.pop(ENV_CHECKPOINT)
     pred = tmp_path / "pred"
-    _run(env_pred, "nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", str(DATASET_ID),
-         "-c", "2d", "-f", "0", "-tr", trainer, "-chk", "checkpoint_final.pth", "-npp", "1", "-nps", "1",
-         "-device", "cpu", "--disable_tta")
+    run_cli(env_pred, "nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", str(DATASET_ID),
+            "-c", "2d", "-f", "0", "-tr", trainer, "-chk", "checkpoint_final.pth", "-npp", "1", "-nps", "1",
+            "-device", "cpu", "--disable_tta")
     import SimpleITK as sitk
 
     outs = sorted(pred.glob("*.nii.gz"))
@@ -556,7 +533,7 @@ def test_sss_smoke_train_then_stock_predict_without_sam2(planned, sam_checkpoint
 def test_semisam_smoke_train(planned, sam_checkpoint: Path) -> None:
     dirs, raw = planned
     trainer = "nnUNetTrainerSemiSAM_smoke"
-    _run(_env(dirs, sam_checkpoint), "nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", trainer, "-device", "cpu")
+    run_cli(_env(dirs, sam_checkpoint), "nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", trainer, "-device", "cpu")
     fold = dirs["nnUNet_results"] / raw.name / f"{trainer}__nnUNetPlans__2d" / "fold_0"
     _check_maps_and_refresh(dirs, raw, fold, sam_checkpoint)
     ckpt = _check_stock_checkpoint(fold)

@@ -23,6 +23,7 @@ from torch import distributed as dist
 
 from nnunetv2_sss.sam.pcsw import PCSWConfig, PlausibilityLimits
 from nnunetv2_sss.training.semi_supervised import nnUNetTrainerSSS_noSAM, nnUNetTrainerUniMatch
+from nnunetv2_sss.training.variants import ShortRun
 
 if TYPE_CHECKING:
     from nnunetv2_sss.sam.backend import SAM2Backend
@@ -248,34 +249,24 @@ class nnUNetTrainerSemiSAM(SAMRefreshMixin, nnUNetTrainerUniMatch):
 
 
 # ---------------------------------------------------------------------- short variants
-class _SAMSmoke:
+class _SAMSmoke(ShortRun):
     """A few iterations, a refresh after epoch 0 on 2 cases at SAM size 256: checks the pipeline, learns nothing."""
 
+    short_epochs, short_iterations, short_val_iterations = 2, 3, 2
     sam_image_size = 256
     sam_warmup_epochs = 0
     sam_refresh_every = 1
     sam_rampup_epochs = 0
     sam_refresh_max_cases = 2
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 2
-        self.num_iterations_per_epoch = 3
-        self.num_val_iterations_per_epoch = 2
 
-
-class _SAM5Epochs:
+class _SAM5Epochs(ShortRun):
     """5 epochs; SAM-2 maps from the end of epoch 1 on, full weight from epoch 3."""
 
+    short_epochs = 5
     sam_warmup_epochs = 2
     sam_refresh_every = 1
     sam_rampup_epochs = 2
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 5
 
 
 class nnUNetTrainerSSS_smoke(_SAMSmoke, nnUNetTrainerSSS):

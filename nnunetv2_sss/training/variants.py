@@ -12,6 +12,24 @@ from nnunetv2_sss.training.semi_supervised import (
 )
 
 
+class ShortRun:
+    """Mixin: a fixed training length, applied after nnU-Net's ``__init__`` (which sets 1000 x 250 x 50).
+
+    Subclasses set ``short_epochs`` / ``short_iterations`` / ``short_val_iterations``; None keeps the value."""
+
+    short_epochs: int | None = None
+    short_iterations: int | None = None
+    short_val_iterations: int | None = None
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        for attr, value in (("num_epochs", self.short_epochs), ("num_iterations_per_epoch", self.short_iterations),
+                            ("num_val_iterations_per_epoch", self.short_val_iterations)):
+            if value is not None:
+                setattr(self, attr, value)
+
+
 class nnUNetTrainer_budget(nnUNetTrainer):
     """Stock supervised nnUNetTrainer whose training length comes from the same env vars as the SSS trainers
     (nnUNet_sss_num_epochs, nnUNet_sss_iterations_per_epoch, nnUNet_sss_val_iterations_per_epoch): the
@@ -23,37 +41,21 @@ class nnUNetTrainer_budget(nnUNetTrainer):
         apply_budget_from_env(self)
 
 
-class nnUNetTrainerSSS_noSAM_5epochs(nnUNetTrainerSSS_noSAM):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 5
+class nnUNetTrainerSSS_noSAM_5epochs(ShortRun, nnUNetTrainerSSS_noSAM):
+    short_epochs = 5
 
 
-class nnUNetTrainerUniMatch_5epochs(nnUNetTrainerUniMatch):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 5
+class nnUNetTrainerUniMatch_5epochs(ShortRun, nnUNetTrainerUniMatch):
+    short_epochs = 5
 
 
-class nnUNetTrainerSSS_noSAM_smoke(nnUNetTrainerSSS_noSAM):
+class nnUNetTrainerSSS_noSAM_smoke(ShortRun, nnUNetTrainerSSS_noSAM):
     """A few iterations only: checks the whole pipeline (tests, CI), learns nothing."""
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 2
-        self.num_iterations_per_epoch = 3
-        self.num_val_iterations_per_epoch = 2
+    short_epochs, short_iterations, short_val_iterations = 2, 3, 2
 
 
-class nnUNetTrainerSSS_noSAM_demo(nnUNetTrainerSSS_noSAM):
+class nnUNetTrainerSSS_noSAM_demo(ShortRun, nnUNetTrainerSSS_noSAM):
     """The README demo: long enough on a CPU to learn the small synthetic dataset, short enough to wait for."""
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 8
-        self.num_iterations_per_epoch = 25
-        self.num_val_iterations_per_epoch = 5
+    short_epochs, short_iterations, short_val_iterations = 8, 25, 5
