@@ -7,6 +7,7 @@ minutes.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from pathlib import Path
@@ -111,6 +112,22 @@ def test_train_with_stock_command_then_predict(planned):
 
     # --c continues from the final checkpoint's epoch count (already finished: training exits cleanly)
     run_cli(env, "nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", trainer, "-device", "cpu", "--c")
+
+    # nnU-Net's model selection and ensembling treat the trainer like any other
+    assert (fold / "validation" / "summary.json").is_file()
+    run_cli(env, "nnUNetv2_find_best_configuration", str(DATASET_ID), "-c", "2d", "-tr", trainer, "-f", "0")
+    info = json.loads((dirs["nnUNet_results"] / raw.name / "inference_information.json").read_text())
+    assert info["best_model_or_ensemble"]["selected_model_or_models"][0]["trainer"] == trainer
+    probs = []
+    for chk in ("checkpoint_final.pth", "checkpoint_best.pth"):
+        out = dirs["nnUNet_results"].parent / f"pred_{chk.split('.')[0]}"
+        run_cli(env, "nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID),
+                "-c", "2d", "-f", "0", "-tr", trainer, "-chk", chk, "-npp", "1", "-nps", "1", "-device", "cpu",
+                "--disable_tta", "--save_probabilities")
+        probs.append(str(out))
+    ens = dirs["nnUNet_results"].parent / "ensemble"
+    run_cli(env, "nnUNetv2_ensemble", "-i", *probs, "-o", str(ens), "-np", "1")
+    assert len(list(ens.glob("*.nii.gz"))) == 2
 
 
 def test_checkpoint_round_trip_restores_network_dfe_ema_optimizer(planned, tmp_path):
