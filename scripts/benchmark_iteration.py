@@ -45,7 +45,7 @@ def sam_term_timing_trainer(dataset: str, configuration: str, device):
 
         def prepare_unlabeled_data(self) -> None:
             super().prepare_unlabeled_data()
-            init_empty_pseudolabels(self.unlabeled_folder)
+            init_empty_pseudolabels(self.unlabeled_folder, maps_folder=self.sam_maps_folder)
 
         def sam_loss_weight(self) -> float:
             return self.lambda_sam

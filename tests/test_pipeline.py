@@ -166,6 +166,19 @@ def _write(path: Path, arr: np.ndarray, spacing=(1.5, 1.5, 5.0)) -> None:
     sitk.WriteImage(img, str(path))
 
 
+def test_region_based_dataset_is_refused_with_advice(planned):
+    env, dirs, raw = planned
+    os.environ.update(nnUNet_extTrainer=env["nnUNet_extTrainer"])
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    t = get_trainer_from_args(str(DATASET_ID), "2d", 0, "nnUNetTrainerSSS_noSAM_smoke", device=torch.device("cpu"))
+    regions = {**t.dataset_json, "labels": {"background": 0, "heart": [1, 2, 3], "lv": 3},
+               "regions_class_order": [1, 3]}
+    t.label_manager = t.plans_manager.get_label_manager(regions)  # as nnU-Net's __init__ builds it
+    with pytest.raises(ValueError, match="label-based dataset.*stock nnUNetTrainer"):
+        t.initialize()
+
+
 def test_bad_unlabeled_inputs_give_clear_errors(planned):
     env, dirs, raw = planned
     from nnunetv2_sss.unlabeled.preprocess import UnlabeledDataError, preprocess_unlabeled

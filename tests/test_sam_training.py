@@ -439,16 +439,19 @@ def test_written_maps_reach_train_step_as_sam_targets(planned, sam_checkpoint: P
     t = _trainer("nnUNetTrainerSSS_smoke", fold=2)
     t.on_train_start()
     try:
-        folder = _unlabeled_folder(dirs, raw)
+        folder, maps = _unlabeled_folder(dirs, raw), t.sam_maps_folder
+        assert maps == Path(t.output_folder) / "sam2_pseudolabels"  # this run's own maps, in its fold folder
+        assert t.dataloader_unlabeled.data_loader._data.folder_with_segs_from_previous_stage == str(maps)
         ids = sorted(t.dataloader_unlabeled.data_loader._data.identifiers)
-        assert all((read_pseudolabel(folder, i) == IGNORE).all() for i in ids)
+        assert all((read_pseudolabel(folder, i, maps) == IGNORE).all() for i in ids)
         t.on_train_epoch_start()
         assert t.sam_loss_weight() == 0.0  # no refresh yet in this run
         t.sam_last_refresh_epoch, t.current_epoch = 0, 1
         assert t.sam_loss_weight() == t.lambda_sam
         ignored = t.train_step(next(t.dataloader_train))["sss_loss_sam"]
         for i in ids:
-            write_pseudolabel(folder, i, np.ones_like(read_pseudolabel(folder, i)), num_classes=4)
+            write_pseudolabel(folder, i, np.ones_like(read_pseudolabel(folder, i, maps)), num_classes=4,
+                              maps_folder=maps)
         labelled = t.train_step(next(t.dataloader_train))["sss_loss_sam"]
         assert ignored == 0.0 and np.isfinite(labelled) and labelled > 0
     finally:
@@ -474,12 +477,13 @@ def _check_maps_and_refresh(dirs: dict[str, Path], raw: Path, fold: Path, checkp
     ds = nnUNetDatasetBlosc2(str(folder))
     ids = sorted(ds.identifiers)
     assert len(ids) == 4
+    maps = fold / "sam2_pseudolabels"  # the run's own maps
     for i in ids:
-        m = read_pseudolabel(folder, i)
+        m = read_pseudolabel(folder, i, maps)
         assert m.dtype == np.int8 and m.shape == ds.load_case(i)[0].shape[1:]
         assert set(np.unique(m)) <= {-1, 0, 1, 2, 3}
-    for i in ids[2:]:  # not refreshed (2 cases per refresh): the fresh run reset them to all-ignore
-        assert (read_pseudolabel(folder, i) == IGNORE).all()
+    for i in ids[2:]:  # not refreshed (2 cases per refresh): the fresh run started them all-ignore
+        assert (read_pseudolabel(folder, i, maps) == IGNORE).all()
     refresh = fold / "sam2_refresh"
     assert sorted(p.name for p in refresh.iterdir()) == ["epoch_0000"]  # none after the last epoch
     summary = json.loads((refresh / "epoch_0000" / SUMMARY_FILE).read_text())

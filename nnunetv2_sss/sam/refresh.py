@@ -236,9 +236,14 @@ def _map_dtype(num_classes: int) -> type:
     return np.int8 if num_classes <= 127 else np.int16
 
 
+def _maps_folder(unlabeled_folder: str | Path, maps_folder: str | Path | None) -> Path:
+    """Where the maps go: the run's own folder when given (trainers), else beside the unlabeled data."""
+    return Path(maps_folder) if maps_folder is not None else sam_pseudolabel_folder(unlabeled_folder)
+
+
 def write_pseudolabel(unlabeled_folder: str | Path, identifier: str, label_map: np.ndarray,
-                      num_classes: int | None = None) -> Path:
-    """Write ``<sam_pseudolabel_folder>/<identifier>.b2nd`` atomically (nnU-Net's save_seg to a temp name, replace).
+                      num_classes: int | None = None, maps_folder: str | Path | None = None) -> Path:
+    """Write ``<maps folder>/<identifier>.b2nd`` atomically (nnU-Net's save_seg to a temp name, replace).
 
     One chunk per slice: 2D training reads one slice at a time.
     """
@@ -248,7 +253,7 @@ def write_pseudolabel(unlabeled_folder: str | Path, identifier: str, label_map: 
         raise ValueError(f"pseudo-label maps are (Z, Y, X), got shape {label_map.shape}")
     n = int(label_map.max()) + 1 if num_classes is None else int(num_classes)
     arr = np.ascontiguousarray(label_map.astype(_map_dtype(n)))
-    folder = sam_pseudolabel_folder(unlabeled_folder)
+    folder = _maps_folder(unlabeled_folder, maps_folder)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{identifier}.b2nd"
     tmp_trunc = folder / f"{identifier}.{os.getpid()}{TMP_SUFFIX}"
@@ -258,11 +263,13 @@ def write_pseudolabel(unlabeled_folder: str | Path, identifier: str, label_map: 
     return final
 
 
-def read_pseudolabel(unlabeled_folder: str | Path, identifier: str) -> np.ndarray:
+def read_pseudolabel(unlabeled_folder: str | Path, identifier: str,
+                     maps_folder: str | Path | None = None) -> np.ndarray:
     """The stored map of a case as a numpy array (Z, Y, X)."""
     import blosc2
 
-    return np.asarray(blosc2.open(str(sam_pseudolabel_folder(unlabeled_folder) / f"{identifier}.b2nd"), mode="r")[:])
+    path = _maps_folder(unlabeled_folder, maps_folder) / f"{identifier}.b2nd"
+    return np.asarray(blosc2.open(str(path), mode="r")[:])
 
 
 def _case_shapes(unlabeled_folder: str | Path) -> dict[str, tuple[int, ...]]:
@@ -272,13 +279,14 @@ def _case_shapes(unlabeled_folder: str | Path) -> dict[str, tuple[int, ...]]:
     return {i: tuple(int(s) for s in ds.load_case(i)[0].shape[1:]) for i in ds.identifiers}
 
 
-def init_empty_pseudolabels(unlabeled_folder: str | Path, overwrite: bool = False) -> list[str]:
+def init_empty_pseudolabels(unlabeled_folder: str | Path, overwrite: bool = False,
+                            maps_folder: str | Path | None = None) -> list[str]:
     """All-ignore maps for every unlabeled case that has none (or one of the wrong shape); all cases if
     ``overwrite``. nnU-Net's loader opens a map for every case it samples, from the first iteration on.
     Leftover temp files of an interrupted write are removed. Returns the identifiers written."""
     import blosc2
 
-    folder = sam_pseudolabel_folder(unlabeled_folder)
+    folder = _maps_folder(unlabeled_folder, maps_folder)
     folder.mkdir(parents=True, exist_ok=True)
     for f in folder.glob(f"*{TMP_SUFFIX}.b2nd"):
         f.unlink(missing_ok=True)
@@ -291,7 +299,8 @@ def init_empty_pseudolabels(unlabeled_folder: str | Path, overwrite: bool = Fals
                     continue
             except Exception:  # noqa: BLE001 - an unreadable map is simply rewritten
                 pass
-        write_pseudolabel(unlabeled_folder, identifier, np.full(shape, IGNORE, dtype=np.int8), num_classes=1)
+        write_pseudolabel(unlabeled_folder, identifier, np.full(shape, IGNORE, dtype=np.int8), num_classes=1,
+                          maps_folder=folder)
         written.append(identifier)
     return written
 
@@ -409,7 +418,7 @@ def refresh_pseudolabels(backend: SAM2Backend, unlabeled_folder: str | Path, ide
                          pcsw_config: PCSWConfig = PCSWConfig(),
                          disagree_confidence: float = 0.9, overlay_folder: str | Path | None = None,
                          overlay_cases: int = 2, overlay_slices_per_case: int = 2, title_prefix: str = "",
-                         progress: bool = False) -> RefreshSummary:
+                         progress: bool = False, maps_folder: str | Path | None = None) -> RefreshSummary:
     """Refresh the SAM-2 maps of ``identifiers``: ``predict(identifier, data) -> probs (C, Z, Y, X)``, PCSW, one
     batched SAM-2 decode per prompted slice from the cache, merge, atomic write; overlays and ``refresh.json`` in
     ``overlay_folder`` when given. The cache must be complete for these cases (``build_sam2_cache``)."""
@@ -436,7 +445,7 @@ def refresh_pseudolabels(backend: SAM2Backend, unlabeled_folder: str | Path, ide
         case = refresh_case(backend, cache, identifier, probs, foreground_labels, limits, pcsw_config,
                             disagree_confidence)
         t2 = time.perf_counter()
-        write_pseudolabel(folder, identifier, case.label_map, num_classes)
+        write_pseudolabel(folder, identifier, case.label_map, num_classes, maps_folder=maps_folder)
         t3 = time.perf_counter()
         t["predict"] += t1 - t0
         t["sam"] += t2 - t1

@@ -79,7 +79,8 @@ class SAMRefreshMixin:
     def _check_sam_settings(self) -> None:
         if self.label_manager.has_regions:
             raise ValueError(f"{self.__class__.__name__} needs a label-based dataset: SAM-2 pseudo-labels are one "
-                             f"label map per case. For region-based training use nnUNetTrainerSSS_noSAM.")
+                             f"label map per case. Train this dataset with stock nnUNetTrainer, or define it with "
+                             f"labels instead of regions.")
         if self.sam_refresh_every < 1 or self.sam_warmup_epochs < 0 or self.sam_rampup_epochs < 0:
             raise ValueError(f"sam_refresh_every must be >= 1 and sam_warmup_epochs, sam_rampup_epochs >= 0 (got "
                              f"{self.sam_refresh_every}, {self.sam_warmup_epochs}, {self.sam_rampup_epochs})")
@@ -121,8 +122,9 @@ class SAMRefreshMixin:
                          data_identifier=self.configuration_manager.data_identifier,
                          batch_size=self.sam_cache_batch_size, progress=True)
         self.print_to_log_file(f"SAM-2 embedding cache ready in {time.perf_counter() - t0:.1f} s")
-        # a fresh run starts from all-ignore maps (the folder is shared per configuration); a resumed one keeps its own
-        written = init_empty_pseudolabels(folder, overwrite=self.sam_last_refresh_epoch is None)
+        # a fresh run starts from all-ignore maps; a resumed one keeps the maps of its last refresh
+        written = init_empty_pseudolabels(folder, overwrite=self.sam_last_refresh_epoch is None,
+                                          maps_folder=self.sam_maps_folder)
         if written:
             self.print_to_log_file(f"SAM-2 pseudo-labels: {len(written)} all-ignore maps written")
         if self.pcsw_limits is None:
@@ -189,7 +191,7 @@ class SAMRefreshMixin:
                     self.pcsw_limits, self.pcsw_config, self.sam_disagree_confidence,
                     overlay_folder=Path(self.output_folder) / REFRESH_FOLDER / f"epoch_{epoch:04d}",
                     overlay_cases=self.sam_overlay_cases, overlay_slices_per_case=self.sam_overlay_slices,
-                    title_prefix=f"epoch {epoch}: ")
+                    title_prefix=f"epoch {epoch}: ", maps_folder=self.sam_maps_folder)
             self.print_to_log_file(summary.log_line())
             self.print_to_log_file(f"PCSW: {_pcsw_line(summary.pcsw)}")
             agreement = summary.agreement

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ from nnunetv2_sss.consistency.dfe import DFE
 from nnunetv2_sss.consistency.ema import EMATeacher
 from nnunetv2_sss.consistency.losses import MaskedCEDiceLoss, deep_supervision_targets, pseudo_label, resize_like
 from nnunetv2_sss.training.progress import SSSLocalLogger
-from nnunetv2_sss.unlabeled.layout import sam_pseudolabel_folder
+from nnunetv2_sss.unlabeled.layout import SAM_PSEUDOLABEL_FOLDER
 from nnunetv2_sss.unlabeled.preprocess import preprocess_unlabeled
 
 LOSS_KEYS = ("sss_loss_s1", "sss_loss_s2", "sss_loss_fp", "sss_loss_dfe", "sss_loss_sam")
@@ -104,10 +105,17 @@ class nnUNetTrainerUniMatch(nnUNetTrainer):
 
     # ------------------------------------------------------------------ setup
     def initialize(self) -> None:
+        if self.label_manager.has_regions:
+            raise ValueError(f"{self.__class__.__name__} needs a label-based dataset: its pseudo-labels are softmax "
+                             f"arg-max maps, which do not fit region-based (sigmoid, overlapping) training. Train "
+                             f"this dataset with stock nnUNetTrainer, or define it with labels instead of regions.")
         super().initialize()
         net = unwrap_network(self.network)
         if self.use_dfe:
             self.dfe = DFE(net.encoder.output_channels, net.encoder.conv_op, self.dfe_num_scales).to(self.device)
+            if self.is_ddp:  # DFE lives outside DDP: every rank must start from rank 0's random weights
+                for p in self.dfe.parameters():
+                    dist.broadcast(p.data, src=0)
             self.optimizer.add_param_group({"params": list(self.dfe.parameters())})
         if self.use_ema_teacher:
             self.ema_teacher = EMATeacher(net, self.ema_max_momentum)
@@ -132,6 +140,12 @@ class nnUNetTrainerUniMatch(nnUNetTrainer):
         return str(unlabeled_preprocessed_folder(self.preprocessed_dataset_folder_base,
                                                  self.configuration_manager.data_identifier))
 
+    @property
+    def sam_maps_folder(self) -> Path:
+        """This run's SAM-2 pseudo-label maps (in the fold folder: folds and trainers never share them, so one
+        fold's maps, made by a student that saw another fold's validation cases, cannot leak into it)."""
+        return Path(self.output_folder) / SAM_PSEUDOLABEL_FOLDER
+
     def prepare_unlabeled_data(self) -> None:
         """Preprocess the unlabeled images when missing or stale (rank 0), with a progress bar."""
         if self.local_rank == 0:
@@ -149,7 +163,7 @@ class nnUNetTrainerUniMatch(nnUNetTrainer):
                                               do_dummy_2d)
         folder = self.unlabeled_folder
         dataset = infer_dataset_class(folder)(
-            folder, folder_with_segs_from_previous_stage=str(sam_pseudolabel_folder(folder)) if self.use_sam else None)
+            folder, folder_with_segs_from_previous_stage=str(self.sam_maps_folder) if self.use_sam else None)
         dl_u = nnUNetDataLoader(dataset, self.unlabeled_batch_size, initial_patch_size,
                                 self.configuration_manager.patch_size, self.label_manager,
                                 oversample_foreground_percent=0.0, transforms=transforms)
@@ -284,9 +298,9 @@ class nnUNetTrainerUniMatch(nnUNetTrainer):
             self._average_gradients_across_ranks(params)
             torch.nn.utils.clip_grad_norm_(params, 12)
             self.optimizer.step()
-        self.sss_step += 1
-        if self.ema_teacher is not None:
+        if self.ema_teacher is not None:  # step 0 has momentum 0: the teacher starts as the (pretrained) student
             self.ema_teacher.update(net, self.sss_step)
+        self.sss_step += 1
 
         logs.update(sss_loss_s1=l_s1.item(), sss_loss_s2=l_s2.item(),
                     sss_loss_fp=l_fp.item() if self.lambda_fp > 0 else math.nan,

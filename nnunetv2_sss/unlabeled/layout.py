@@ -29,7 +29,8 @@ def sam2_cache_folder(unlabeled_folder: str | Path) -> Path:
 
 
 def sam_pseudolabel_folder(unlabeled_folder: str | Path) -> Path:
-    """SAM-2 pseudo-label maps (one per unlabeled case), rewritten at each refresh."""
+    """Default place of SAM-2 pseudo-label maps (one per unlabeled case) for tools that are not a training run;
+    trainers keep theirs in the fold folder (``<fold>/sam2_pseudolabels``), so runs never share maps."""
     return Path(unlabeled_folder) / SAM_PSEUDOLABEL_FOLDER
 
 
