@@ -51,8 +51,8 @@ def sam_term_timing_trainer(dataset: str, configuration: str, device):
             return self.lambda_sam
 
     folder = join(nnUNet_preprocessed, maybe_convert_to_dataset_name(dataset))
-    return nnUNetTrainerSSS_SAMTermTiming(load_json(join(folder, "nnUNetPlans.json")), configuration, "all",
-                                          load_json(join(folder, "dataset.json")), device)
+    plans = {**load_json(join(folder, "nnUNetPlans.json")), "continue_training": False}  # as get_trainer_from_args
+    return nnUNetTrainerSSS_SAMTermTiming(plans, configuration, "all", load_json(join(folder, "dataset.json")), device)
 
 
 def run_one(dataset: str, configuration: str, trainer: str, n: int, warmup: int, device: str) -> dict:
