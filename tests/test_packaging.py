@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -36,8 +37,11 @@ print("PROBE " + json.dumps({"folder": str(ext_trainer_folder()), "package": nnu
 
 
 def test_wheel_ships_shims_and_nnunet_finds_trainers(tmp_path: Path) -> None:
+    src = tmp_path / "src"  # a copy, so setuptools' build/ and egg-info never land in the checkout
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "__pycache__",
+                                                            ".pytest_cache", ".ruff_cache", "*_output"))
     wheels = tmp_path / "wheels"
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
                             "-w", str(wheels), "-q"], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-3000:]
     wheel = next(wheels.glob("nnunetv2_sss-*.whl"))
