@@ -76,19 +76,17 @@ def main() -> None:
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
     iterations = max(ITERS_PER_EPOCH, int(round(DEFAULT_ITERATIONS * a.budget / ITERS_PER_EPOCH)) * ITERS_PER_EPOCH)
-    env = dict(os.environ)
+    from nnunetv2_sss.cli import cpu_friendly_env, ensure_ext_trainer_env
+
+    env = cpu_friendly_env(dict(os.environ))
     env.update(nnUNet_raw=str(work / "nnUNet_raw"), nnUNet_preprocessed=str(work / "nnUNet_preprocessed"),
-               nnUNet_results=str(work / "nnUNet_results"), nnUNet_compile=env.get("nnUNet_compile", "f"),
+               nnUNet_results=str(work / "nnUNet_results"),
                nnUNet_def_n_proc=str(a.np), nnUNet_n_proc_DA=env.get("nnUNet_n_proc_DA", "2"),
                nnUNet_sss_num_epochs=str(iterations // ITERS_PER_EPOCH),
-               nnUNet_sss_iterations_per_epoch=str(ITERS_PER_EPOCH), nnUNet_sss_val_iterations_per_epoch="5",
-               # idle OpenMP threads must sleep, not spin: with spinning, steps on a busy 2-core CPU get ~20x slower
-               OMP_WAIT_POLICY=env.get("OMP_WAIT_POLICY", "PASSIVE"))
+               nnUNet_sss_iterations_per_epoch=str(ITERS_PER_EPOCH), nnUNet_sss_val_iterations_per_epoch="5")
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         Path(env[k]).mkdir(exist_ok=True)
     os.environ.update(env)
-    from nnunetv2_sss.cli import ensure_ext_trainer_env
-
     env["nnUNet_extTrainer"] = ensure_ext_trainer_env()
     t0 = time.time()
 

@@ -101,9 +101,9 @@ def main() -> None:
     if a.single:
         print("RESULT " + json.dumps(run_one(a.d, a.c, a.single, a.n, a.warmup, a.device)))
         return
-    env = dict(os.environ)
-    env.setdefault("nnUNet_compile", "f")
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from nnunetv2_sss.cli import cpu_friendly_env
+
+    env = cpu_friendly_env(dict(os.environ))
     results = []
     for tr in a.tr:
         cmd = [sys.executable, __file__, "-d", a.d, "-c", a.c, "-n", str(a.n), "--warmup", str(a.warmup),

@@ -33,12 +33,11 @@ def main() -> None:
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         env[k] = str(out / k)
         Path(env[k]).mkdir(parents=True, exist_ok=True)
-    env.setdefault("nnUNet_compile", "f")
     env.setdefault("nnUNet_n_proc_DA", "1")
     env.setdefault("nnUNet_def_n_proc", "1")
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep instead of spinning
-    os.environ.update(env)
-    from nnunetv2_sss.cli import ensure_ext_trainer_env
+    from nnunetv2_sss.cli import cpu_friendly_env, ensure_ext_trainer_env
+
+    os.environ.update(cpu_friendly_env(env))
     from nnunetv2_sss.datasets.synthetic import make_synthetic_dataset
 
     env["nnUNet_extTrainer"] = ensure_ext_trainer_env()

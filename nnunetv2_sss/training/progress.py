@@ -58,14 +58,14 @@ class SSSLocalLogger(LocalLogger):
         ax.set_ylabel("unsupervised loss", fontsize=30)
         ax.tick_params(labelsize=24)
         ax2 = ax.twinx()
+        lowest = 0.0  # fractions and agreement live in [0, 1]; the DFE cosine similarity may go negative
         for k in self.fraction_keys:
             vals = np.asarray(self.my_fantastic_logging[k][: epoch + 1], dtype=float)
             ax2.plot(x, vals, ls="dotted", label=k.removeprefix("sss_"), linewidth=4)
+            if np.isfinite(vals).any():
+                lowest = min(lowest, float(np.nanmin(vals)))
         ax2.set_ylabel("fraction / agreement", fontsize=30)
-        # fractions and agreement live in [0, 1]; the DFE cosine similarity may go negative
-        lowest = [np.nanmin(v) for k in self.fraction_keys
-                  if np.isfinite(v := np.asarray(self.my_fantastic_logging[k][: epoch + 1], dtype=float)).any()]
-        ax2.set_ylim(min([0.0, *lowest]) - 0.05, 1.05)
+        ax2.set_ylim(lowest - 0.05, 1.05)
         ax2.tick_params(labelsize=24)
         ax.legend(loc=(0, 1), fontsize=24, ncol=3)
         ax2.legend(loc=(0.6, 1), fontsize=24)
