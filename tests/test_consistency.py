@@ -85,7 +85,7 @@ def test_deep_supervision_targets_follow_output_sizes():
 
 
 @pytest.mark.parametrize("conv", [nn.Conv2d, nn.Conv3d])
-def test_dfe_shapes_at_every_scale_and_gradients(conv):
+def test_dfe_is_the_identity_at_init_and_learns_away_from_it(conv):
     chans = [4, 8, 16, 32]
     spatial = [(32, 32), (16, 16), (8, 8), (4, 4)] if conv is nn.Conv2d else \
         [(8, 16, 16), (4, 8, 8), (2, 4, 4), (1, 2, 2)]
@@ -96,33 +96,49 @@ def test_dfe_shapes_at_every_scale_and_gradients(conv):
     assert dfe.scale_indices == [1, 2, 3]
     assert [o.shape for o in out] == [s.shape for s in strong]
     assert out[0] is strong[0]  # scales outside DFE pass through
+    assert all(torch.equal(o, s) for o, s in zip(out, strong))  # exactly the identity at step 0
     assert sim.shape == (2,)
-    sum(o.sum() for o in out[1:]).backward()
+    target = [torch.randn_like(o) for o in out]
+    loss = sum(((o - t) ** 2).mean() for o, t in zip(out[1:], target[1:]))
+    loss.backward()
+    for m in dfe.scales:  # at step 0 only the zero-initialised output projection receives gradient
+        assert m.proj_out.weight.grad.abs().sum() > 0
+    opt = torch.optim.SGD(dfe.parameters(), lr=0.1)
+    opt.step()
+    opt.zero_grad()
+    out2, _ = dfe(weak, strong)
+    assert not torch.equal(out2[2], strong[2])
+    sum(((o - t) ** 2).mean() for o, t in zip(out2[1:], target[1:])).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in dfe.parameters())
     assert weak[2].grad is not None and strong[2].grad is not None
 
 
-def test_dfe_identical_views_have_similarity_one_and_no_discrepancy():
+def test_dfe_uses_every_encoder_scale_by_default():
+    assert DFE([4, 8, 16], nn.Conv2d).scale_indices == [0, 1, 2]
+    with pytest.raises(ValueError, match="scales"):
+        DFE([4, 8], nn.Conv2d, num_scales=3)
+
+
+def test_dfe_fusion_known_answer():
     mlp = nn.Sequential(nn.Conv2d(6, 6, 1), nn.GELU())
     a = torch.randn(3, 6, 5, 5)
-    adjusted, s = dfe_fuse(a, a.clone(), mlp)
-    assert torch.allclose(s, torch.ones(3), atol=1e-6)
-    assert torch.allclose(adjusted, mlp(a), atol=1e-6)  # w*MLP + (1-w)*MLP, no (A_s - A_w) term
+    s_one = torch.ones(3)
+    assert torch.allclose(dfe_fuse(a, a.clone(), s_one, mlp), mlp(a), atol=1e-6)  # no (A_s - A_w) term
     b = torch.randn(3, 6, 5, 5)
-    adjusted_b, s_b = dfe_fuse(a, b, mlp)
+    s_b = pooled_cosine(a, b)
     w = torch.sigmoid(s_b).view(-1, 1, 1, 1)
     expected = w * mlp(a) + (1 - w) * mlp(b) + (1 - s_b).view(-1, 1, 1, 1) * (b - a)
-    assert torch.allclose(adjusted_b, expected, atol=1e-6)
-    assert torch.allclose(s_b, pooled_cosine(a, b))
+    assert torch.allclose(dfe_fuse(a, b, s_b, mlp), expected, atol=1e-6)
 
 
-def test_dfe_scale_with_shared_projection_reduces_to_mlp():
+def test_dfe_similarity_measures_the_views_not_the_projections():
+    """s is the pooled cosine of the two views' own features: 1 for identical views, whatever the weights."""
     m = DFEScale(4, nn.Conv2d)
-    m.proj_strong.load_state_dict(m.proj_weak.state_dict())
-    x = torch.randn(2, 4, 6, 6)
-    out, s = m(x, x)
+    x = torch.rand(2, 4, 6, 6)
+    _, s = m(x, x.clone())
     assert torch.allclose(s, torch.ones(2), atol=1e-6)
-    assert torch.allclose(out, m.proj_out(m.mlp(m.align(m.proj_weak(x)))), atol=1e-5)
+    _, s_neg = m(x, -x)
+    assert torch.allclose(s_neg, -torch.ones(2), atol=1e-6)
 
 
 def test_ema_update_rule():

@@ -21,17 +21,22 @@ def pseudo_label(logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor, 
 
 
 class MaskedCEDiceLoss(nn.Module):
-    """(CE + soft Dice) / 2 on the pixels where ``mask`` > 0; the CE is averaged over all valid pixels.
+    """CE + (1 - soft Dice) on the pixels where ``mask`` > 0: nnU-Net's loss form, at nnU-Net's scale.
 
-    UniMatch divides the masked CE by the number of valid pixels (not by the confident ones), so a batch with
-    few confident pixels contributes little instead of a noisy large term. The Dice part is a batch soft Dice over
-    foreground classes restricted to the mask.
+    The unsupervised terms are weighted relative to nnU-Net's own (unscaled) supervised CE + Dice, so they use the
+    same form. The masked CE is divided by the number of *valid* pixels, not the confident ones (as UniMatch does),
+    so a batch with few confident pixels contributes little instead of a noisy large term. The Dice is a batch soft
+    Dice restricted to the mask; background is included by default, as in UniMatch's medical code (its unsupervised
+    loss is a Dice over all classes), because under a confidence mask the background Dice is what penalises
+    foreground spilling into confident background.
     """
 
-    def __init__(self, smooth: float = 1e-5, do_bg: bool = False):
+    def __init__(self, smooth: float = 1e-5, do_bg: bool = True, ce_weight: float = 1.0, dice_weight: float = 1.0):
         super().__init__()
         self.smooth = smooth
         self.do_bg = do_bg
+        self.ce_weight = ce_weight
+        self.dice_weight = dice_weight
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
                 valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -50,7 +55,7 @@ class MaskedCEDiceLoss(nn.Module):
         dice = (2 * inter + self.smooth) / (denom + self.smooth)
         if not self.do_bg:
             dice = dice[1:]
-        return (ce + (1 - dice.mean())) / 2
+        return self.ce_weight * ce + self.dice_weight * (1 - dice.mean())
 
 
 def resize_like(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
@@ -65,3 +70,9 @@ def deep_supervision_targets(outputs: list[torch.Tensor] | torch.Tensor,
     """For each map (labels, masks), one nearest-resized copy per network output (nnU-Net's deep supervision)."""
     outs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
     return [[resize_like(m, tuple(o.shape[2:])) for o in outs] for m in maps]
+
+
+def sigmoid_rampup(progress: float) -> float:
+    """exp(-5 (1 - t)^2) for t = progress in [0, 1] (Laine & Aila; the mean-teacher ramp), 1 beyond."""
+    t = min(max(progress, 0.0), 1.0)
+    return float(torch.exp(torch.tensor(-5.0 * (1.0 - t) ** 2)))

@@ -7,6 +7,11 @@ the strong views (CutMix'ed between unlabeled samples, pseudo-labels mixed the s
 stream (channel dropout on the weak encoder features) and, optionally, the DFE stream are trained against them.
 One backward, one optimizer step. The network itself stays a stock nnU-Net network: DFE, the teacher and SAM-2
 live outside it, so ``nnUNetv2_predict`` loads the checkpoint like any other.
+
+``train_step`` is a sequence of hooks, so a variant overrides one piece as nnU-Net's own variants do:
+``sample_unlabeled`` (views, mix partners, CutMix boxes) -> ``forward_labeled_and_weak`` -> ``supervised_loss`` ->
+``make_pseudo_labels`` -> ``strong_view_losses`` -> ``feature_perturbation_loss`` -> ``dfe_loss`` -> ``sam_loss``
+-> ``unsupervised_weights`` (ramp-up) -> ``optimizer_step``. The hooks share one ``UnlabeledStep``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,28 +41,33 @@ from torch._dynamo import OptimizedModule
 from nnunetv2_sss.augment.views import NUM_VIEWS, apply_cutmix, cutmix_masks, get_unlabeled_transforms
 from nnunetv2_sss.consistency.dfe import DFE
 from nnunetv2_sss.consistency.ema import EMATeacher
-from nnunetv2_sss.consistency.losses import MaskedCEDiceLoss, deep_supervision_targets, pseudo_label, resize_like
+from nnunetv2_sss.consistency.losses import (
+    MaskedCEDiceLoss,
+    deep_supervision_targets,
+    pseudo_label,
+    resize_like,
+    sigmoid_rampup,
+)
 from nnunetv2_sss.training.progress import SSSLocalLogger
+from nnunetv2_sss.training.run_settings import RunSettingsMixin
 from nnunetv2_sss.unlabeled.layout import SAM_PSEUDOLABEL_FOLDER
 from nnunetv2_sss.unlabeled.preprocess import preprocess_unlabeled
 
-LOSS_KEYS = ("sss_loss_s1", "sss_loss_s2", "sss_loss_fp", "sss_loss_dfe", "sss_loss_sam")
+LOSS_KEYS = ("sss_loss_sup", "sss_loss_s1", "sss_loss_s2", "sss_loss_fp", "sss_loss_dfe", "sss_loss_sam")
 FRACTION_KEYS = ("sss_confident_fraction", "sss_dfe_similarity", "sss_sam_agreement")
+UNSUPERVISED_TERMS = ("s1", "s2", "fp", "dfe", "sam")
+
+
+def class_fraction_keys(num_classes: int) -> tuple[str, ...]:
+    """One confident-fraction key per class (background included): the share of the pixels pseudo-labelled as that
+    class whose confidence reaches the threshold."""
+    return tuple(f"sss_confident_fraction_c{c}" for c in range(num_classes))
 
 
 def split_batch_across_ranks(global_batch_size: int, world_size: int, rank: int) -> int:
     """This rank's share of a global batch, split exactly as nnU-Net splits the labeled batch under DDP."""
     base = global_batch_size // world_size
     return base + 1 if base * world_size + rank < global_batch_size else base
-
-
-def apply_budget_from_env(trainer: nnUNetTrainer) -> None:
-    """Training length from env vars, so a benchmark gives every trainer the same iteration budget."""
-    for var, attr in (("nnUNet_sss_num_epochs", "num_epochs"),
-                      ("nnUNet_sss_iterations_per_epoch", "num_iterations_per_epoch"),
-                      ("nnUNet_sss_val_iterations_per_epoch", "num_val_iterations_per_epoch")):
-        if os.environ.get(var):
-            setattr(trainer, attr, int(os.environ[var]))
 
 
 def unwrap_network(network: nn.Module) -> nn.Module:
@@ -70,23 +81,76 @@ def channel_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     return F.dropout3d(x, p, training=True) if x.dim() == 5 else F.dropout2d(x, p, training=True)
 
 
-class nnUNetTrainerUniMatch(nnUNetTrainer):
-    """Weak-to-strong consistency (UniMatch) on unlabeled images inside nnU-Net; no DFE, no SAM-2."""
+@dataclass
+class UnlabeledStep:
+    """What the unsupervised hooks of one iteration share (all tensors on the trainer's device).
 
-    # unlabeled batch = round(labeled batch * ratio), at least 2 so CutMix has a partner; 0.25 keeps an iteration
-    # within ~2.5x the cost of a supervised one (scripts/benchmark_iteration.py)
-    unlabeled_batch_ratio: float = 0.25
+    Maps are (B, *spatial); ``valid`` is 1 inside the image after augmentation; ``partner`` indexes each sample's
+    CutMix partner in the mix batch ``x_mix_*``; ``box1``/``box2`` are the CutMix boxes of the two strong views.
+    """
+
+    x_w: torch.Tensor
+    x_s1: torch.Tensor
+    x_s2: torch.Tensor
+    valid: torch.Tensor
+    sam_map: torch.Tensor | None
+    box1: torch.Tensor
+    box2: torch.Tensor
+    # mix partners: weak view (for their pseudo-labels), strong views, validity, SAM map
+    mix_w: torch.Tensor
+    mix_s1: torch.Tensor
+    mix_s2: torch.Tensor
+    mix_valid: torch.Tensor
+    mix_sam_map: torch.Tensor | None
+    mix_is_batch: bool  # partners are a permutation of this batch (their weak logits come from the shared pass)
+    partner: torch.Tensor
+    # filled by the hooks
+    skips_w: list[torch.Tensor] = field(default_factory=list)
+    mix_skips_w: list[torch.Tensor] = field(default_factory=list)
+    logits_w: torch.Tensor | None = None
+    logits_mix_w: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    conf: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    mixed: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    skips_s: list[torch.Tensor] = field(default_factory=list)
+    out_s1: list[torch.Tensor] = field(default_factory=list)
+    out_s2: list[torch.Tensor] = field(default_factory=list)
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+def as_list(out: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Deep-supervision outputs as a list (one entry without deep supervision)."""
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+class nnUNetTrainerUniMatch(RunSettingsMixin, nnUNetTrainer):
+    """Weak-to-strong consistency (UniMatch) on unlabeled images inside nnU-Net; no DFE, no SAM-2.
+
+    Loss = nnU-Net's own supervised loss, unscaled (CE + Dice with deep supervision, exactly as a stock run), plus
+    ramp(t) * (lambda_s1 * L_s1 + lambda_s2 * L_s2 + lambda_fp * L_fp [+ lambda_dfe * L_dfe]) [+ SAM term], where each
+    L is the masked CE + Dice of ``MaskedCEDiceLoss`` (nnU-Net's loss form). UniMatch's relative weights: its
+    medical code uses (sup + 0.25 s1 + 0.25 s2 + 0.5 fp) / 2 with sup = (CE + Dice) / 2 and an unsupervised Dice
+    only; the unsupervised terms together weigh as much as the supervised one there and here.
+    """
+
+    # unlabeled batch = round(labeled batch * ratio) (at least 2), as UniMatch (equal labeled/unlabeled batches)
+    unlabeled_batch_ratio: float = 1.0
+    # CutMix partners: "batch" = a random other sample of the same unlabeled batch (no extra forward); "draw" = a
+    # separate unlabeled batch as UniMatch does (one more loader draw and a no-grad forward for its pseudo-labels)
+    mix_partners: str = "batch"
     confidence_threshold: float = 0.95
-    # UniMatch: (sup + 0.25*s1 + 0.25*s2 + 0.5*fp) / 2
     lambda_s1: float = 0.25
     lambda_s2: float = 0.25
     lambda_fp: float = 0.5
     lambda_dfe: float = 0.0
-    loss_normaliser: float = 2.0
+    # sigmoid ramp-up of the unsupervised weights over this fraction of the run's iterations (0 = full from step 0)
+    unsup_rampup_fraction: float = 0.0
+    unsup_dice_do_bg: bool = True
     feature_dropout_p: float = 0.5
     cutmix_p: float = 0.5
     use_dfe: bool = False
-    dfe_num_scales: int = 3
+    dfe_num_scales: int | None = None  # None = every encoder scale
     use_ema_teacher: bool = False
     ema_max_momentum: float = 0.996
     use_sam: bool = False
@@ -95,13 +159,15 @@ class nnUNetTrainerUniMatch(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.logger.local_logger = SSSLocalLogger(LOSS_KEYS, FRACTION_KEYS)
+        self.class_fraction_keys = class_fraction_keys(len(self.label_manager.all_labels))
+        self.logger.local_logger = SSSLocalLogger(LOSS_KEYS, FRACTION_KEYS + self.class_fraction_keys)
         self.dataloader_unlabeled = None
         self.dfe: DFE | None = None
         self.ema_teacher: EMATeacher | None = None
         self.sss_step = 0
-        self.unlabeled_loss = MaskedCEDiceLoss()
-        apply_budget_from_env(self)
+        self.unlabeled_loss = MaskedCEDiceLoss(do_bg=self.unsup_dice_do_bg)
+        self.encoder_fn: nn.Module | None = None
+        self.decoder_fn: nn.Module | None = None
 
     # ------------------------------------------------------------------ setup
     def initialize(self) -> None:
@@ -119,6 +185,13 @@ class nnUNetTrainerUniMatch(nnUNetTrainer):
             self.optimizer.add_param_group({"params": list(self.dfe.parameters())})
         if self.use_ema_teacher:
             self.ema_teacher = EMATeacher(net, self.ema_max_momentum)
+        if self.mix_partners not in ("batch", "draw"):
+            raise ValueError(f"mix_partners must be 'batch' or 'draw', got {self.mix_partners!r}")
+        # train_step calls encoder and decoder separately (feature perturbation, DFE); compile them separately where
+        # nnU-Net compiles the network, instead of bypassing torch.compile
+        compile_parts = self._do_i_compile()
+        self.encoder_fn = torch.compile(net.encoder) if compile_parts else net.encoder
+        self.decoder_fn = torch.compile(net.decoder) if compile_parts else net.decoder
         self.unlabeled_batch_size = self._unlabeled_batch_size()
 
     def _unlabeled_batch_size(self) -> int:
@@ -171,8 +244,9 @@ class nnUNetTrainerUniMatch(nnUNetTrainer):
         if n_proc == 0:
             self.dataloader_unlabeled = SingleThreadedAugmenter(dl_u, None)
         else:
+            seeds = None if self.seed is None else [self.worker_seed(2) + i for i in range(n_proc)]
             self.dataloader_unlabeled = NonDetMultiThreadedAugmenter(
-                data_loader=dl_u, transform=None, num_processes=n_proc, num_cached=max(6, n_proc // 2), seeds=None,
+                data_loader=dl_u, transform=None, num_processes=n_proc, num_cached=max(6, n_proc // 2), seeds=seeds,
                 pin_memory=self.device.type == "cuda", wait_time=0.002)
         return dl_tr, dl_val
 
@@ -191,7 +265,7 @@ class nnUNetTrainerUniMatch(nnUNetTrainer):
                           valid: torch.Tensor) -> torch.Tensor:
         """Masked CE + Dice against a pseudo-label at every deep-supervision output (nnU-Net's weights)."""
         labels_ds, mask_ds, valid_ds = deep_supervision_targets(outputs, labels, mask, valid)
-        total = outputs[0].new_zeros(())
+        total = outputs[0].new_zeros((), dtype=torch.float32)
         for w, o, lab, m, v in zip(self._ds_weights(len(outputs)), outputs, labels_ds, mask_ds, valid_ds):
             if w != 0:
                 total = total + w * self.unlabeled_loss(o, lab, m, v)
@@ -201,90 +275,136 @@ class nnUNetTrainerUniMatch(nnUNetTrainer):
         """Weight of the SAM-2 term this epoch (subclasses ramp it); 0 disables it."""
         return 0.0
 
-    # ------------------------------------------------------------------ training
-    def train_step(self, batch: dict) -> dict:
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"]
-        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
-            else target.to(self.device, non_blocking=True)
-        ub = next(self.dataloader_unlabeled)
+    def unsupervised_rampup(self) -> float:
+        """Sigmoid ramp of the unsupervised weights over ``unsup_rampup_fraction`` of the run (1 when 0)."""
+        if self.unsup_rampup_fraction <= 0:
+            return 1.0
+        total = self.num_epochs * self.num_iterations_per_epoch * self.unsup_rampup_fraction
+        return sigmoid_rampup(self.sss_step / max(1.0, total))
+
+    def unsupervised_weights(self) -> dict[str, float]:
+        """This step's weight of each unsupervised term (0 skips the term's computation)."""
+        r = self.unsupervised_rampup()
+        return {"s1": r * self.lambda_s1, "s2": r * self.lambda_s2, "fp": r * self.lambda_fp,
+                "dfe": r * self.lambda_dfe if self.dfe is not None else 0.0,
+                "sam": self.sam_loss_weight() if self.use_sam else 0.0}
+
+    # ------------------------------------------------------------------ the step's hooks
+    def _split_views(self, ub: dict) -> tuple[torch.Tensor, ...]:
         u = ub["data"].to(self.device, non_blocking=True)
-        u_seg = ub["target"].to(self.device, non_blocking=True)
+        seg = ub["target"].to(self.device, non_blocking=True)
         c = u.shape[1] // NUM_VIEWS
-        x_w, x_s1, x_s2 = u[:, :c], u[:, c:2 * c], u[:, 2 * c:]
-        valid = (u_seg[:, 0] >= 0).float()
-        n_l, n_u = data.shape[0], x_w.shape[0]
-        spatial = tuple(x_w.shape[2:])
-        perm = torch.roll(torch.arange(n_u, device=self.device), 1)
-        mix_p = self.cutmix_p if n_u > 1 else 0.0
+        valid = (seg[:, 0] >= 0).float()
+        sam_map = seg[:, 1].long() if self.use_sam and seg.shape[1] > 1 else None
+        return u[:, :c], u[:, c:2 * c], u[:, 2 * c:], valid, sam_map
+
+    def sample_unlabeled(self) -> UnlabeledStep:
+        """The unlabeled batch as weak/strong views, its CutMix partners and the two strong views' boxes."""
+        x_w, x_s1, x_s2, valid, sam_map = self._split_views(next(self.dataloader_unlabeled))
+        n_u, spatial = x_w.shape[0], tuple(x_w.shape[2:])
+        if self.mix_partners == "draw":
+            m_w, m_s1, m_s2, m_valid, m_sam = self._split_views(next(self.dataloader_unlabeled))
+            partner = torch.arange(n_u, device=self.device)
+            mix_is_batch = False
+        else:  # a random derangement of the batch: every sample gets another sample as partner
+            m_w, m_s1, m_s2, m_valid, m_sam = x_w, x_s1, x_s2, valid, sam_map
+            order = torch.randperm(n_u)
+            shift = int(torch.randint(1, n_u, (1,)).item()) if n_u > 1 else 0
+            partner = torch.empty_like(order)
+            partner[order] = order.roll(shift)
+            partner = partner.to(self.device)
+            mix_is_batch = True
+        mix_p = self.cutmix_p if (n_u > 1 or not mix_is_batch) else 0.0
         box1 = cutmix_masks(n_u, spatial, p=mix_p, device=self.device)
         box2 = cutmix_masks(n_u, spatial, p=mix_p, device=self.device)
-        x_s1 = apply_cutmix(x_s1, x_s1[perm], box1)
-        x_s2 = apply_cutmix(x_s2, x_s2[perm], box2)
+        return UnlabeledStep(
+            x_w=x_w, x_s1=apply_cutmix(x_s1, m_s1[partner], box1), x_s2=apply_cutmix(x_s2, m_s2[partner], box2),
+            valid=valid, sam_map=sam_map, box1=box1, box2=box2, mix_w=m_w, mix_s1=m_s1, mix_s2=m_s2,
+            mix_valid=m_valid, mix_sam_map=m_sam, mix_is_batch=mix_is_batch, partner=partner)
 
-        net = unwrap_network(self.network)
-        self.optimizer.zero_grad(set_to_none=True)
-        logs: dict[str, float] = {}
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            skips = net.encoder(torch.cat((data, x_w)))
-            out = net.decoder(skips)
-            outs = list(out) if isinstance(out, (list, tuple)) else [out]
-            out_l = [o[:n_l] for o in outs]
-            l_sup = self.loss(out_l if isinstance(out, (list, tuple)) else out_l[0], target)
+    def forward_labeled_and_weak(self, data: torch.Tensor, u: UnlabeledStep) -> list[torch.Tensor]:
+        """One encoder pass over labeled + weak (as UniMatch); returns the labeled outputs, keeps the weak ones."""
+        n_l = data.shape[0]
+        skips = self.encoder_fn(torch.cat((data, u.x_w)))
+        outs = as_list(self.decoder_fn(skips))
+        u.skips_w = [s[n_l:] for s in skips]
+        u.logits_w = outs[0][n_l:].detach()
+        return [o[:n_l] for o in outs]
 
-            if self.ema_teacher is not None:
+    def supervised_loss(self, out_l: list[torch.Tensor], target) -> torch.Tensor:
+        """nnU-Net's own loss on the labeled batch, unscaled (deep supervision as configured)."""
+        return self.loss(out_l if isinstance(target, list) else out_l[0], target)
+
+    @torch.no_grad()
+    def weak_logits(self, u: UnlabeledStep) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits that make the pseudo-labels of the batch and of its mix partners (student or EMA teacher)."""
+        if self.ema_teacher is not None:
+            x = u.x_w if u.mix_is_batch else torch.cat((u.x_w, u.mix_w))
+            t = as_list(self.ema_teacher.model(x))[0]
+            return t[:u.x_w.shape[0]], (t if u.mix_is_batch else t[u.x_w.shape[0]:])
+        if u.mix_is_batch:
+            return u.logits_w, u.logits_w
+        u.mix_skips_w = self.encoder_fn(u.mix_w)
+        return u.logits_w, as_list(self.decoder_fn(u.mix_skips_w))[0]
+
+    def make_pseudo_labels(self, u: UnlabeledStep) -> None:
+        """Confident arg-max pseudo-labels of the weak view, and their CutMix'ed copies for both strong views."""
+        logits, logits_mix = self.weak_logits(u)
+        u.labels, u.conf, mask = pseudo_label(logits, self.confidence_threshold)
+        u.mask = mask * u.valid
+        labels_m, _, mask_m = pseudo_label(logits_mix, self.confidence_threshold)
+        mask_m = mask_m * u.mix_valid
+        for view, box in (("s1", u.box1), ("s2", u.box2)):
+            u.mixed[view] = tuple(apply_cutmix(a, b[u.partner], box) for a, b in
+                                  ((u.labels, labels_m), (u.mask, mask_m), (u.valid, u.mix_valid)))
+
+    def strong_view_losses(self, u: UnlabeledStep) -> dict[str, torch.Tensor]:
+        """Both strong views through the student in one pass, each against its mixed pseudo-label."""
+        n_u = u.x_w.shape[0]
+        u.skips_s = self.encoder_fn(torch.cat((u.x_s1, u.x_s2)))
+        out_s = as_list(self.decoder_fn(u.skips_s))
+        u.out_s1, u.out_s2 = [o[:n_u] for o in out_s], [o[n_u:] for o in out_s]
+        return {"s1": self.unsupervised_loss(u.out_s1, *u.mixed["s1"]),
+                "s2": self.unsupervised_loss(u.out_s2, *u.mixed["s2"])}
+
+    def feature_perturbation_loss(self, u: UnlabeledStep) -> torch.Tensor:
+        """UniMatch's feature-perturbation stream: channel dropout on the weak encoder features."""
+        out_fp = as_list(self.decoder_fn([channel_dropout(s, self.feature_dropout_p) for s in u.skips_w]))
+        return self.unsupervised_loss(out_fp, u.labels, u.mask, u.valid)
+
+    def dfe_loss(self, u: UnlabeledStep) -> torch.Tensor:
+        """DFE between the weak features (mixed with view 1's box, so both inputs show the same mixed image) and
+        strong view 1's features; the decoder's prediction from the enhanced features learns view 1's target."""
+        n_u = u.x_w.shape[0]
+        if u.mix_is_batch:
+            mix_skips = [s[u.partner] for s in u.skips_w]
+        else:
+            if not u.mix_skips_w:
                 with torch.no_grad():
-                    t_out = self.ema_teacher.model(x_w)
-                    logits_w = t_out[0] if isinstance(t_out, (list, tuple)) else t_out
-            else:
-                logits_w = outs[0][n_l:].detach()
-            pl, conf, mask = pseudo_label(logits_w, self.confidence_threshold)
-            mask = mask * valid
-            pl1, mask1, valid1 = (apply_cutmix(t, t[perm], box1) for t in (pl, mask, valid))
-            pl2, mask2, valid2 = (apply_cutmix(t, t[perm], box2) for t in (pl, mask, valid))
+                    u.mix_skips_w = self.encoder_fn(u.mix_w)
+            mix_skips = [s[u.partner] for s in u.mix_skips_w]
+        weak_mixed = [apply_cutmix(s, m, resize_like(u.box1, tuple(s.shape[2:])))
+                      for s, m in zip(u.skips_w, mix_skips)]
+        enhanced, sim = self.dfe(weak_mixed, [s[:n_u] for s in u.skips_s])
+        u.logs["sss_dfe_similarity"] = sim.mean().item()
+        return self.unsupervised_loss(as_list(self.decoder_fn(enhanced)), *u.mixed["s1"])
 
-            skips_u = [s[n_l:] for s in skips]
-            if self.lambda_fp > 0:  # SemiSAM has no feature-perturbation stream: skip its decoder pass
-                out_fp = net.decoder([channel_dropout(s, self.feature_dropout_p) for s in skips_u])
-                out_fp = list(out_fp) if isinstance(out_fp, (list, tuple)) else [out_fp]
-                l_fp = self.unsupervised_loss(out_fp, pl, mask, valid)
-            else:
-                l_fp = outs[0].new_zeros(())
+    def sam_loss(self, u: UnlabeledStep) -> torch.Tensor | None:
+        """Both strong views against the SAM-2 map (warped with the weak view, mixed like the pseudo-labels)."""
+        if u.sam_map is None:
+            return None
+        sam_valid = (u.sam_map >= 0).float() * u.valid
+        mix_valid = (u.mix_sam_map >= 0).float() * u.mix_valid
+        terms = []
+        for out, box in ((u.out_s1, u.box1), (u.out_s2, u.box2)):
+            target = apply_cutmix(u.sam_map, u.mix_sam_map[u.partner], box)
+            m = apply_cutmix(sam_valid, mix_valid[u.partner], box)
+            v = apply_cutmix(u.valid, u.mix_valid[u.partner], box)
+            terms.append(self.unsupervised_loss(out, target, m, v))
+        return 0.5 * (terms[0] + terms[1])
 
-            skips_s = net.encoder(torch.cat((x_s1, x_s2)))
-            out_s = net.decoder(skips_s)
-            out_s = list(out_s) if isinstance(out_s, (list, tuple)) else [out_s]
-            out_s1, out_s2 = [o[:n_u] for o in out_s], [o[n_u:] for o in out_s]
-            l_s1 = self.unsupervised_loss(out_s1, pl1, mask1, valid1)
-            l_s2 = self.unsupervised_loss(out_s2, pl2, mask2, valid2)
-
-            loss = l_sup + self.lambda_s1 * l_s1 + self.lambda_s2 * l_s2 + self.lambda_fp * l_fp
-            if self.dfe is not None:
-                # weak features mixed with the same box as strong view 1 (nearest-downsampled per scale), so both
-                # DFE inputs describe the same mixed image
-                weak_mixed = [apply_cutmix(s, s[perm], resize_like(box1, tuple(s.shape[2:])))
-                              for s in skips_u]
-                adjusted, sim = self.dfe(weak_mixed, [s[:n_u] for s in skips_s])
-                out_dfe = net.decoder(adjusted)
-                out_dfe = list(out_dfe) if isinstance(out_dfe, (list, tuple)) else [out_dfe]
-                l_dfe = self.unsupervised_loss(out_dfe, pl1, mask1, valid1)
-                loss = loss + self.lambda_dfe * l_dfe
-                logs["sss_loss_dfe"] = l_dfe.item()
-                logs["sss_dfe_similarity"] = sim.mean().item()
-
-            w_sam = self.sam_loss_weight() if self.use_sam else 0.0
-            if w_sam > 0 and u_seg.shape[1] > 1:
-                sam = u_seg[:, 1].long()
-                sam_valid = (sam >= 0).float() * valid
-                l_sam = 0.5 * sum(
-                    self.unsupervised_loss(o, apply_cutmix(sam, sam[perm], b),
-                                           apply_cutmix(sam_valid, sam_valid[perm], b),
-                                           apply_cutmix(valid, valid[perm], b))
-                    for o, b in ((out_s1, box1), (out_s2, box2)))
-                loss = loss + w_sam * l_sam
-                logs["sss_loss_sam"] = l_sam.item()
-            loss = loss / self.loss_normaliser
-
+    def optimizer_step(self, loss: torch.Tensor) -> None:
+        """Backward, cross-rank gradient average (our forwards bypass DDP's hooks), clip at 12 as nnU-Net, step."""
         params = self._trainable_parameters()
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
@@ -298,15 +418,45 @@ class nnUNetTrainerUniMatch(nnUNetTrainer):
             self._average_gradients_across_ranks(params)
             torch.nn.utils.clip_grad_norm_(params, 12)
             self.optimizer.step()
+
+    def step_logs(self, u: UnlabeledStep) -> dict[str, float]:
+        """Confident fraction overall and per class (share of each class's pseudo-labelled pixels kept)."""
+        logs = {"sss_confident_fraction": (u.mask.sum() / u.valid.sum().clamp(min=1)).item()}
+        for c, key in enumerate(self.class_fraction_keys):
+            of_class = (u.labels == c).float() * u.valid
+            n = of_class.sum()
+            logs[key] = (u.mask * of_class).sum().item() / n.item() if n > 0 else math.nan
+        return logs
+
+    # ------------------------------------------------------------------ training
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
+        u = self.sample_unlabeled()
+        weights = self.unsupervised_weights()
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            l_sup = self.supervised_loss(self.forward_labeled_and_weak(data, u), target)
+            self.make_pseudo_labels(u)
+            terms: dict[str, torch.Tensor | None] = dict(self.strong_view_losses(u))
+            terms["fp"] = self.feature_perturbation_loss(u) if weights["fp"] > 0 else None
+            terms["dfe"] = self.dfe_loss(u) if self.dfe is not None and weights["dfe"] > 0 else None
+            terms["sam"] = self.sam_loss(u) if weights["sam"] > 0 else None
+            loss = l_sup
+            for k, t in terms.items():
+                if t is not None:
+                    loss = loss + weights[k] * t
+        self.optimizer_step(loss)
         if self.ema_teacher is not None:  # step 0 has momentum 0: the teacher starts as the (pretrained) student
-            self.ema_teacher.update(net, self.sss_step)
+            self.ema_teacher.update(unwrap_network(self.network), self.sss_step)
         self.sss_step += 1
 
-        logs.update(sss_loss_s1=l_s1.item(), sss_loss_s2=l_s2.item(),
-                    sss_loss_fp=l_fp.item() if self.lambda_fp > 0 else math.nan,
-                    sss_confident_fraction=(mask.sum() / valid.sum().clamp(min=1)).item())
+        logs = {"sss_loss_sup": l_sup.item(), **u.logs, **self.step_logs(u)}
+        logs.update({f"sss_loss_{k}": t.item() for k, t in terms.items() if t is not None})
         result = {"loss": loss.detach().cpu().numpy()}
-        for k in LOSS_KEYS + FRACTION_KEYS:
+        for k in LOSS_KEYS + FRACTION_KEYS + self.class_fraction_keys:
             if k != "sss_sam_agreement":
                 result[k] = np.array(logs.get(k, np.nan), dtype=np.float64)
         return result
@@ -324,7 +474,7 @@ class nnUNetTrainerUniMatch(nnUNetTrainer):
     def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
         super().on_train_epoch_end(train_outputs)
         collated = collate_outputs(train_outputs)
-        for k in LOSS_KEYS + FRACTION_KEYS:
+        for k in LOSS_KEYS + FRACTION_KEYS + self.class_fraction_keys:
             if k == "sss_sam_agreement":
                 continue
             vals = np.asarray(collated[k], dtype=np.float64)

@@ -5,11 +5,8 @@ from __future__ import annotations
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunetv2_sss.training.semi_supervised import (
-    apply_budget_from_env,
-    nnUNetTrainerSSS_noSAM,
-    nnUNetTrainerUniMatch,
-)
+from nnunetv2_sss.training.run_settings import RunSettingsMixin
+from nnunetv2_sss.training.semi_supervised import nnUNetTrainerSSS_noSAM, nnUNetTrainerUniMatch
 
 
 class ShortRun:
@@ -30,15 +27,10 @@ class ShortRun:
                 setattr(self, attr, value)
 
 
-class nnUNetTrainer_budget(nnUNetTrainer):
-    """Stock supervised nnUNetTrainer whose training length comes from the same env vars as the SSS trainers
-    (nnUNet_sss_num_epochs, nnUNet_sss_iterations_per_epoch, nnUNet_sss_val_iterations_per_epoch): the
-    supervised baseline of a benchmark at an equal iteration budget. Nothing else differs."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        apply_budget_from_env(self)
+class nnUNetTrainer_budget(RunSettingsMixin, nnUNetTrainer):
+    """Stock supervised nnUNetTrainer that honours the same run settings as the SSS trainers (training length from
+    nnUNet_sss_num_epochs / _iterations_per_epoch / _val_iterations_per_epoch, nnUNet_sss_seed, snapshots): the
+    supervised baseline of a benchmark at an equal iteration budget and seed. Nothing else differs."""
 
 
 class nnUNetTrainerSSS_noSAM_5epochs(ShortRun, nnUNetTrainerSSS_noSAM):
