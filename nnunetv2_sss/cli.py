@@ -235,7 +235,8 @@ def convert_acdc_entry() -> None:
     parser.add_argument("-i", "--input", required=True, help="ACDC folder holding data/, train.list and val.list")
     parser.add_argument("-d", "--dataset_id", type=int, default=27, help="dataset id (default: 27)")
     parser.add_argument("--labeled", required=True,
-                        help="labeled patients: 1, 3 or 7 (standard splits), all, or a comma list such as 38,50,99")
+                        help="labeled patients: 1, 3 or 7 (standard splits), all, or a comma list such as 38,50,99 "
+                             "(one patient: patient005)")
     parser.add_argument("--name", default=None, help="dataset name (default: ACDC or ACDC_<k>labeled)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset with this id")
     args = parser.parse_args()

@@ -43,12 +43,20 @@ def _read_list(path: Path) -> list[str]:
 
 
 def parse_labeled(labeled: str, train_patients: set[int]) -> tuple[int, ...]:
-    """Patients to keep labeled: '1', '3', '7' (standard splits), 'all', or a comma list such as '38,50,099'."""
+    """Patients to keep labeled: '1', '3', '7' (standard splits), 'all', or a comma list such as '38,50,099'.
+
+    Any other bare number is refused: '5' could mean five patients or patient 005."""
     spec = str(labeled).strip().lower()
     if spec == "all":
         return tuple(sorted(train_patients))
     if spec in STANDARD_SPLITS:
         patients = STANDARD_SPLITS[spec]
+    elif spec.isdigit():
+        # a bare number other than 1/3/7 reads as a count but would name one patient: refuse the guess
+        raise DatasetToolError(
+            f"--labeled {labeled!r} is ambiguous: counts have standard splits only for 1, 3 and 7 patients. For "
+            f"patient {int(spec):03d} alone write --labeled patient{int(spec):03d} (or '{int(spec)},'); for several "
+            f"patients give a comma list such as 38,50,99.")
     else:
         try:
             patients = tuple(sorted({int(p.strip().removeprefix("patient")) for p in spec.split(",") if p.strip()}))

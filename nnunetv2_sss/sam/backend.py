@@ -136,8 +136,11 @@ class SAM2Backend:
         if not ckpt:
             raise SAM2CheckpointError(f"No SAM-2 checkpoint given: {ENV_CHECKPOINT} is not set. {_advice()}")
         path = Path(ckpt).expanduser()
+        source = "the checkpoint argument" if checkpoint is not None else ENV_CHECKPOINT
+        if path.is_dir():
+            raise SAM2CheckpointError(f"SAM-2 checkpoint {path} (from {source}) is a directory, not a checkpoint file: "
+                                      f"give the path of the .pt file inside it. {_advice()}")
         if not path.is_file():
-            source = "the checkpoint argument" if checkpoint is not None else ENV_CHECKPOINT
             raise SAM2CheckpointError(f"SAM-2 checkpoint {path} does not exist (from {source}). {_advice()}")
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)

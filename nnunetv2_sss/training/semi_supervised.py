@@ -17,7 +17,6 @@ live outside it, so ``nnUNetv2_predict`` loads the checkpoint like any other.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +46,12 @@ from nnunetv2_sss.consistency.losses import (
     pseudo_label,
     resize_like,
     sigmoid_rampup,
+)
+from nnunetv2_sss.training.checkpoints import (
+    SSS_STATE_KEY,
+    CheckpointError,
+    resolve_resume_checkpoint,
+    save_complete_checkpoint,
 )
 from nnunetv2_sss.training.progress import SSSLocalLogger
 from nnunetv2_sss.training.run_settings import RunSettingsMixin
@@ -509,21 +514,28 @@ class nnUNetTrainerUniMatch(RunSettingsMixin, nnUNetTrainer):
             self.ema_teacher.load_state_dict(state["ema_teacher"])
 
     def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's checkpoint plus our state under its own key ('sss_state'), rewritten atomically."""
-        super().save_checkpoint(filename)
+        """nnU-Net's checkpoint plus our state ('sss_state'), written once, complete, to a temporary name that is
+        fsync'ed and renamed (nnU-Net's own write is not atomic; see training/checkpoints.py)."""
         if self.local_rank != 0 or self.disable_checkpointing:
+            super().save_checkpoint(filename)  # rank != 0: nothing; disabled: nnU-Net logs that
             return
-        checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
-        checkpoint["sss_state"] = self.extra_checkpoint_state()
-        tmp = f"{filename}.tmp"
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, filename)
+        save_complete_checkpoint(filename, super().save_checkpoint, self.extra_checkpoint_state())
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
-        super().load_checkpoint(filename_or_checkpoint)
-        checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else \
-            torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
-        self.load_extra_checkpoint_state(checkpoint.get("sss_state", {}))
+        """Resume only with our state: an unreadable checkpoint or one without 'sss_state' gives way to the newest
+        complete one in the fold folder (with a warning), or to a clear error when there is none."""
+        if isinstance(filename_or_checkpoint, dict):
+            if SSS_STATE_KEY not in filename_or_checkpoint:
+                raise CheckpointError(f"This checkpoint has no '{SSS_STATE_KEY}': {self.__class__.__name__} cannot "
+                                      f"resume from it without silently restarting DFE, the EMA teacher and its step "
+                                      f"counter. Use -pretrained_weights to start from its network weights.")
+            path, checkpoint = filename_or_checkpoint, filename_or_checkpoint
+        else:
+            path, checkpoint = resolve_resume_checkpoint(
+                filename_or_checkpoint, lambda m: self.print_to_log_file(m, also_print_to_console=True))
+            path = str(path)
+        super().load_checkpoint(path)
+        self.load_extra_checkpoint_state(checkpoint[SSS_STATE_KEY])
         self.logger.local_logger.add_missing_keys()
 
 
