@@ -44,7 +44,8 @@ def synthetic_case(rng: np.random.Generator, shape: tuple[int, int, int]) -> tup
     r_cav = rng.uniform(0.10, 0.15) * size
     wall = rng.uniform(0.045, 0.075) * size
     rv_angle = rng.uniform(0.75, 1.25) * np.pi  # RV sits on the left-ish side, as in short-axis views
-    rv_rx, rv_ry = rng.uniform(0.12, 0.17) * size, rng.uniform(0.07, 0.10) * size
+    # the RV is large enough (about half the MYO area) for a few minutes of CPU training to learn it
+    rv_rx, rv_ry = rng.uniform(0.19, 0.24) * size, rng.uniform(0.11, 0.14) * size
     body_ry, body_rx = rng.uniform(0.40, 0.47) * ny, rng.uniform(0.42, 0.49) * nx
     n_empty = int(rng.integers(0, 2)) if nz >= 4 else 0  # apical slices beyond the heart
     n_heart = nz - n_empty
@@ -72,7 +73,7 @@ def synthetic_case(rng: np.random.Generator, shape: tuple[int, int, int]) -> tup
             outer = rc + wall * (0.8 + 0.4 * t)
             ring = (d > rc) & (d <= outer)
             rv = np.zeros_like(ring)
-            rv_scale = 1.0 - 1.1 * t  # the RV ends before the apex
+            rv_scale = 1.0 - 0.8 * t  # the RV ends before the apex
             if rv_scale > 0.15:
                 off = outer + rv_ry * rv_scale * 0.5
                 ry, rx = ccy + off * np.sin(rv_angle), ccx + off * np.cos(rv_angle)

@@ -7,26 +7,38 @@ ones. A stamp records what the output was made from; a trainer re-runs this when
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import gzip
 import hashlib
 import json
 import multiprocessing
 import os
 import shutil
+import struct
+import sys
+import zlib
+from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 from batchgenerators.utilities.file_and_folder_operations import load_json, load_pickle, write_pickle
 from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
 from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from tqdm import tqdm
 
+from nnunetv2_sss.training.checkpoints import pid_alive
 from nnunetv2_sss.unlabeled.layout import (
+    META_FOLDER,
     unlabeled_preprocessed_folder,
     unlabeled_raw_folder,
     unlabeled_stamp_file,
 )
+
+MANIFEST_FILE = "manifest.json"
 
 
 class UnlabeledDataError(RuntimeError):
@@ -69,6 +81,65 @@ def find_unlabeled_cases(raw_dataset_folder: Path, dataset_json: dict) -> dict[s
                 + ", ".join(f"{case}_{c:04d}{file_ending}" for c in range(n_channels)) + ".")
         result[case] = [channels[c] for c in range(n_channels)]
     return result
+
+
+def _nifti_expected_bytes(header: bytes) -> int | None:
+    """Bytes a NIfTI-1/2 file needs (voxel offset + voxel data) according to its header; None if not NIfTI."""
+    for endian in "<>":
+        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
+            dims = struct.unpack(endian + "8h", header[40:56])
+            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            break
+        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
+            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            dims = struct.unpack(endian + "8q", header[16:80])
+            offset = struct.unpack(endian + "q", header[168:176])[0]
+            break
+    else:
+        return None
+    n = int(np.prod([max(int(d), 1) for d in dims[1:1 + max(int(dims[0]), 0)]]))
+    return max(offset, 348) + n * bitpix // 8
+
+
+def verify_image_file(path: str | Path) -> None:
+    """Refuse an input image that would be read wrongly: SimpleITK zero-fills a truncated ``.nii.gz`` without an
+    error, and nnU-Net fails on 4D or vector images with an IndexError. The gzip stream must end cleanly, a NIfTI
+    file must hold every voxel its header declares, and the image must be one 2D or 3D scalar image."""
+    path = Path(path)
+    what = "Replace it with a complete copy (e.g. convert or download it again), or remove it from the folder."
+    if path.name.endswith(".gz"):
+        n_bytes, head = 0, b""
+        try:
+            with gzip.open(path, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    head = head or chunk[:540]
+                    n_bytes += len(chunk)
+        except (EOFError, OSError, zlib.error) as e:
+            raise UnlabeledDataError(f"{path}: the gzip stream is truncated or corrupt ({type(e).__name__}: {e}); "
+                                     f"SimpleITK would read the missing part as zeros. {what}") from None
+    else:
+        with open(path, "rb") as f:
+            head = f.read(540)
+        n_bytes = path.stat().st_size
+    if path.name.endswith((".nii", ".nii.gz")):
+        expected = _nifti_expected_bytes(head)
+        if expected is not None and n_bytes < expected:
+            raise UnlabeledDataError(f"{path}: holds {n_bytes} bytes but its NIfTI header declares {expected} "
+                                     f"(voxels missing: the file is truncated). {what}")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        raise UnlabeledDataError(f"{path}: not a readable image ({str(e).strip().splitlines()[-1][:200]}). "
+                                 f"{what}") from None
+    size, comps = tuple(reader.GetSize()), reader.GetNumberOfComponents()
+    if reader.GetDimension() not in (2, 3) or comps != 1:
+        raise UnlabeledDataError(
+            f"{path}: image of size {size} (x, y, ...) with {comps} component(s) per voxel, but nnU-Net expects one "
+            f"2D or 3D scalar image per file. Split it: channels/components into CASE_0000, CASE_0001, ... files "
+            f"(and declare them in dataset.json channel_names), time frames into separate cases.")
 
 
 def _stamp(cases: dict[str, list[str]], plans: dict, plans_identifier: str, configuration: str,
@@ -116,11 +187,37 @@ def unlabeled_output_folder(dataset: str | int, configuration: str, plans_identi
 def is_up_to_date(dataset: str | int, configuration: str, plans_identifier: str = "nnUNetPlans") -> bool:
     """True when the preprocessed unlabeled cases match the current plans and raw files."""
     _, pre, raw, plans, _, cm, dataset_json = _load_context(dataset, configuration, plans_identifier)
-    stamp_file = unlabeled_stamp_file(unlabeled_preprocessed_folder(pre, cm.data_identifier))
+    out = unlabeled_preprocessed_folder(pre, cm.data_identifier)
+    stamp_file = unlabeled_stamp_file(out)
     if not stamp_file.is_file():
         return False
     cases = find_unlabeled_cases(raw, dataset_json)
-    return json.loads(stamp_file.read_text()) == _stamp(cases, plans, plans_identifier, configuration, cm)
+    return json.loads(stamp_file.read_text()) == _stamp(cases, plans, plans_identifier, configuration, cm) and \
+        not missing_outputs(out, cases)
+
+
+def _write_manifest(folder: Path, cases: dict[str, list[str]]) -> None:
+    """Every file preprocessing wrote (name, size), so damage after the fact is detected."""
+    files = {f.name: f.stat().st_size for f in sorted(folder.iterdir()) if f.is_file()}
+    for case in cases:
+        if f"{case}.pkl" not in files or not any(n.startswith(case + ".") and not n.endswith(".pkl") for n in files):
+            raise UnlabeledDataError(f"Preprocessing wrote no data or properties for unlabeled case '{case}' in "
+                                     f"{folder}; run nnUNetv2_sss_preprocess_unlabeled again with --force.")
+    (folder / META_FOLDER / MANIFEST_FILE).write_text(json.dumps(files, indent=0))
+
+
+def missing_outputs(folder: str | Path, cases: dict[str, list[str]] | None = None) -> list[str]:
+    """Files of the preprocessed unlabeled output that are missing or have another size than when written
+    (empty list = complete). Without a manifest (older output) everything counts as missing."""
+    folder = Path(folder)
+    manifest = folder / META_FOLDER / MANIFEST_FILE
+    if not manifest.is_file():
+        return [str(manifest)]
+    files = json.loads(manifest.read_text())
+    bad = [n for n, size in files.items() if not (folder / n).is_file() or (folder / n).stat().st_size != size]
+    if cases is not None:
+        bad += [f"{c}.pkl" for c in cases if f"{c}.pkl" not in files]
+    return bad
 
 
 def _training_data_is_2d(preprocessed_dataset_folder: Path) -> bool | None:
@@ -160,12 +257,42 @@ def _preprocess_one(args) -> str:
     return case
 
 
+@contextlib.contextmanager
+def preprocessing_lock(out: Path) -> Iterator[None]:
+    """Exclusive lock on ``<out>.lock`` beside the output: folds started together wait for the one that
+    preprocesses instead of writing and renaming the same folder at once (fcntl; the file is never deleted)."""
+    lock_file = out.with_name(out.name + ".lock")
+    with open(lock_file, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"Waiting for another process that preprocesses {out} (lock {lock_file}) ...", file=sys.stderr,
+                  flush=True)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def remove_stale_work_folders(out: Path) -> list[Path]:
+    """``<out>.tmp-<pid>`` / ``<out>.old-<pid>`` of interrupted runs whose process is gone (call under the lock)."""
+    removed = []
+    for d in out.parent.glob(f"{out.name}.*-*"):
+        kind, _, pid = d.name[len(out.name) + 1:].partition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
 def preprocess_unlabeled(dataset: str | int, configuration: str, plans_identifier: str = "nnUNetPlans",
                          num_processes: int = 2, force: bool = False) -> Path:
-    """Preprocess every unlabeled case; skip when the existing output is up to date (unless ``force``).
+    """Preprocess every unlabeled case; skip when the existing output is up to date and complete (unless ``force``).
 
-    The whole output is written under a temporary name and renamed at the end, so an interrupted run never
-    leaves a folder that looks complete.
+    Input images are verified first (truncated or 4D files are refused). The whole output is written under a
+    temporary name and renamed at the end, so an interrupted run never leaves a folder that looks complete; a lock
+    makes concurrent callers (folds started together) wait for each other.
     """
     dataset_name, pre, raw, plans, plans_manager, cm, dataset_json = _load_context(
         dataset, configuration, plans_identifier)
@@ -173,9 +300,24 @@ def preprocess_unlabeled(dataset: str | int, configuration: str, plans_identifie
     cases = find_unlabeled_cases(raw, dataset_json)
     stamp = _stamp(cases, plans, plans_identifier, configuration, cm)
     stamp_file = unlabeled_stamp_file(out)
-    if not force and stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
-        return out
+    with preprocessing_lock(out):
+        remove_stale_work_folders(out)
+        if not force and stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
+            missing = missing_outputs(out, cases)
+            if not missing:
+                return out
+            print(f"{out} is incomplete ({len(missing)} file(s) missing or changed, e.g. {missing[0]}): "
+                  f"preprocessing the unlabeled cases again.", file=sys.stderr, flush=True)
+        for fs in tqdm(list(cases.values()), desc="Verifying unlabeled images"):
+            for f in fs:
+                verify_image_file(f)
+        return _preprocess_all(out, cases, stamp, pre, plans_manager, cm, dataset_json, dataset_name, configuration,
+                               num_processes)
 
+
+def _preprocess_all(out: Path, cases: dict[str, list[str]], stamp: dict, pre: Path, plans_manager: PlansManager,
+                    cm: ConfigurationManager, dataset_json: dict, dataset_name: str, configuration: str,
+                    num_processes: int) -> Path:
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -192,6 +334,7 @@ def preprocess_unlabeled(dataset: str | int, configuration: str, plans_identifie
                     pass
         stamp_out = unlabeled_stamp_file(tmp)
         stamp_out.parent.mkdir(parents=True, exist_ok=True)
+        _write_manifest(tmp, cases)
         stamp_out.write_text(json.dumps(stamp, indent=1))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
