@@ -28,12 +28,12 @@ from nnunetv2_sss.sam.refresh import (
     init_empty_pseudolabels,
     learn_limits_from_training_cases,
     merge_masks,
-    predict_volume,
     read_pseudolabel,
     refresh_case,
     refresh_pseudolabels,
     write_pseudolabel,
 )
+from nnunetv2_sss.training.student_inference import predict_volume
 from nnunetv2_sss.unlabeled.layout import sam2_cache_folder, sam_pseudolabel_folder
 
 S = 256  # the smoke trainers' SAM image size: the tests' cache is the trainers' cache

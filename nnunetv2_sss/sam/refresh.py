@@ -22,14 +22,12 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from nnunetv2_sss.sam.backend import to_sam_image, window_bounds
 from nnunetv2_sss.sam.cache import cached_case_info, load_case_features
@@ -44,9 +42,6 @@ from nnunetv2_sss.sam.pcsw import (
 from nnunetv2_sss.unlabeled.layout import sam2_cache_folder, sam_pseudolabel_folder
 
 if TYPE_CHECKING:
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
     from nnunetv2_sss.sam.backend import SAM2Backend
 
 IGNORE = -1
@@ -54,6 +49,8 @@ PAD_LABEL = -1  # SAM's "not a point": pads point prompts of different lengths i
 TMP_SUFFIX = ".tmp"
 SUMMARY_FILE = "refresh.json"
 
+# predict(identifier, data (C_in, Z, Y, X)) -> softmax (C, Z, Y, X): made by the training layer
+# (nnunetv2_sss.training.student_inference.student_predict_fn); sam/ depends on nothing above it.
 PredictFn = Callable[[str, np.ndarray], np.ndarray]
 
 
@@ -73,62 +70,6 @@ def learn_limits_from_training_cases(dataset: Any, identifiers: Iterable[str], f
     if not maps:
         raise ValueError("no labeled training cases to learn PCSW plausibility limits from")
     return learn_plausibility_limits(maps, None, foreground_labels, slack=slack)
-
-
-# --- student prediction --------------------------------------------------------------------------------------------
-def _inference_network(trainer: nnUNetTrainer) -> torch.nn.Module:
-    """The network the predictor should run: never the DDP wrapper (only rank 0 predicts; DDP's forward syncs)."""
-    return trainer.network.module if getattr(trainer, "is_ddp", False) else trainer.network
-
-
-@contextmanager
-def student_inference(trainer: nnUNetTrainer) -> Iterator[None]:
-    """Deep supervision off and eval mode while predicting; both restored exactly afterwards."""
-    from nnunetv2_sss.training.semi_supervised import unwrap_network
-
-    net = unwrap_network(trainer.network)
-    was_training = trainer.network.training
-    ds_before = getattr(net.decoder, "deep_supervision", None)
-    trainer.set_deep_supervision_enabled(False)
-    try:
-        yield
-    finally:
-        if ds_before is not None:
-            trainer.set_deep_supervision_enabled(ds_before)
-        trainer.network.train(was_training)
-
-
-def make_student_predictor(trainer: nnUNetTrainer, use_mirroring: bool = False,
-                           tile_step_size: float = 0.5) -> nnUNetPredictor:
-    """nnU-Net's predictor around the trainer's live network, initialised as ``perform_actual_validation`` does."""
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
-    predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
-                                perform_everything_on_device=trainer.device.type == "cuda", device=trainer.device,
-                                verbose=False, verbose_preprocessing=False, allow_tqdm=False)
-    predictor.manual_initialization(_inference_network(trainer), trainer.plans_manager, trainer.configuration_manager,
-                                    None, trainer.dataset_json, trainer.__class__.__name__,
-                                    trainer.inference_allowed_mirroring_axes)
-    return predictor
-
-
-def predict_volume(trainer: nnUNetTrainer, data: np.ndarray | torch.Tensor, use_mirroring: bool = False,
-                   tile_step_size: float = 0.5, predictor: nnUNetPredictor | None = None) -> np.ndarray:
-    """Student softmax (C, Z, Y, X) float32 of one whole preprocessed case (C_in, Z, Y, X).
-
-    Mirroring is off by default: the refresh runs often and TTA costs 2^axes forward passes. Pass a ``predictor``
-    from ``make_student_predictor`` to reuse it across cases.
-    """
-    if trainer.label_manager.has_regions:
-        raise ValueError("SAM-2 pseudo-labels need a label-based dataset; region-based training is not supported")
-    x = torch.from_numpy(np.ascontiguousarray(np.asarray(data, dtype=np.float32))) if not torch.is_tensor(data) \
-        else data.float()
-    if predictor is None:
-        predictor = make_student_predictor(trainer, use_mirroring, tile_step_size)
-    with student_inference(trainer), torch.no_grad():
-        logits = predictor.predict_sliding_window_return_logits(x)
-        probs = trainer.label_manager.apply_inference_nonlin(logits.float())
-    return probs.cpu().numpy().astype(np.float32, copy=False)
 
 
 # --- prompts -> SAM -> label map -----------------------------------------------------------------------------------

@@ -172,21 +172,15 @@ class SAMRefreshMixin:
 
     def refresh_sam_pseudolabels(self) -> None:
         """Rewrite the SAM-2 maps from the student's current prediction (rank 0), overlays in the fold folder."""
-        from nnunetv2_sss.sam.refresh import (
-            make_student_predictor,
-            predict_volume,
-            refresh_pseudolabels,
-            student_inference,
-        )
+        from nnunetv2_sss.sam.refresh import refresh_pseudolabels
+        from nnunetv2_sss.training.student_inference import student_predict_fn
 
         epoch = self.current_epoch
         agreement = math.nan
         if self.local_rank == 0:
-            predictor = make_student_predictor(self, self.sam_use_mirroring)
-            with student_inference(self):
+            with student_predict_fn(self, self.sam_use_mirroring) as predict:
                 summary = refresh_pseudolabels(
-                    self.sam_backend, self.unlabeled_folder, self.sam_refresh_cases(),
-                    lambda _identifier, data: predict_volume(self, data, predictor=predictor),
+                    self.sam_backend, self.unlabeled_folder, self.sam_refresh_cases(), predict,
                     self.label_manager.foreground_labels, self.label_manager.num_segmentation_heads,
                     self.pcsw_limits, self.pcsw_config, self.sam_disagree_confidence,
                     overlay_folder=Path(self.output_folder) / REFRESH_FOLDER / f"epoch_{epoch:04d}",
