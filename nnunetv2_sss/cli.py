@@ -111,9 +111,11 @@ def evaluate_entry() -> None:
 def cache_sam2_entry() -> None:
     """Encode every preprocessed unlabeled slice with SAM-2 once, so pseudo-label refreshes only decode prompts."""
     parser = argparse.ArgumentParser(
-        description="Build the SAM-2 embedding cache of nnUNet_preprocessed/DatasetXXX/<data_identifier>_unlabeled/ "
-                    "(run nnUNetv2_sss_preprocess_unlabeled first). Nothing is downloaded: the checkpoint is a local "
-                    "file. An up-to-date cache is left alone; an interrupted run resumes.")
+        description="Build the SAM-2 embedding cache (nnUNet_preprocessed/DatasetXXX/<data_identifier>_sam2_cache/) of "
+                    "the preprocessed unlabeled cases in <data_identifier>_unlabeled/ (run "
+                    "nnUNetv2_sss_preprocess_unlabeled first). Nothing is downloaded: the checkpoint is a local file. "
+                    "Only cases whose preprocessed arrays changed (content hash) are encoded again; an interrupted "
+                    "run resumes; concurrent runs wait for each other.")
     parser.add_argument("-d", "--dataset", required=True, help="dataset name or id, e.g. 27 or Dataset027_ACDC")
     parser.add_argument("-c", "--configuration", default="2d", help="configuration (default: 2d)")
     parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")

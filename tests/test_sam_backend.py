@@ -424,16 +424,18 @@ def test_cache_build_and_load_equal_direct_encoding(backend: SAM2Backend, tmp_pa
 
     folder = _make_unlabeled_folder(tmp_path, CASES)
     cache = build_sam2_cache(folder, backend, "nnUNetPlans", "2d", progress=False)
-    assert cache == sam2_cache_folder(folder)
+    # beside the unlabeled folder, which re-preprocessing replaces wholesale, named after its data identifier
+    assert cache == sam2_cache_folder(folder) == folder.parent / "nnUNetPlans_2d_sam2_cache"
     key = read_cache_key(cache)
-    assert key == make_cache_key(backend, "nnUNetPlans", "2d", "nnUNetPlans_2d")
-    assert key["image_size"] == S and key["config"] == TINY and key["data_identifier"] == "nnUNetPlans_2d"
+    assert key == make_cache_key(backend)
+    assert key["image_size"] == S and key["config"] == TINY and key["sam2_version"].count(".") == 1
     assert key["checkpoint_sha256"] == checkpoint_sha256(backend.checkpoint_path)
     assert len(key["checkpoint_sha256"]) == 64
     assert cache_is_valid(cache, key, list(CASES)) and not cache_is_valid(cache, {**key, "image_size": 1024})
     assert not cache_is_valid(cache, key, [*CASES, "case_z"])
     assert sorted(p.name for p in cache.iterdir()) == sorted([CACHE_KEY_FILE, *(f"{c}.pt" for c in CASES)])
-    assert not (folder.parent / (folder.name + BUILDING_SUFFIX)).exists()
+    assert not cache.with_name(cache.name + BUILDING_SUFFIX).exists()
+    assert not any(p.name.startswith("sam2") for p in folder.iterdir())  # nothing of the cache inside
 
     ds = nnUNetDatasetBlosc2(str(folder))
     for identifier, (z_count, h, w) in CASES.items():
@@ -468,7 +470,7 @@ def test_cache_up_to_date_is_left_alone_and_changed_cases_are_redone(backend: SA
     counter = _EncodeCounter(backend, monkeypatch)
     build_sam2_cache(folder, backend, "nnUNetPlans", "2d", progress=False)
     assert counter.calls == 0
-    # a re-preprocessed case, a new case and a removed case
+    # a re-preprocessed case with new content, a new case and a removed case
     _write_case(folder, "case_b", np.stack([_blob_image(32, 48, seed=9)])[None])
     _write_case(folder, "case_new", np.stack([_blob_image(24, 24, seed=7)] * 2)[None])
     for f in folder.glob("case_a*"):
@@ -479,21 +481,85 @@ def test_cache_up_to_date_is_left_alone_and_changed_cases_are_redone(backend: SA
     assert case_cache_file(cache, "case_b").stat().st_mtime_ns != mtimes["case_b.pt"]
 
 
+def test_cache_survives_replaced_unlabeled_folder_and_touched_files(backend: SAM2Backend, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Re-preprocessing replaces <id>_unlabeled wholesale with new files (new mtimes) holding the same arrays: the
+    cache outside it stays valid and nothing is re-encoded; only a case whose array changed is."""
+    import shutil
+
+    cases = {"case_a": (2, 40, 56), "case_b": (1, 32, 48)}
+    folder = _make_unlabeled_folder(tmp_path, cases)
+    cache = build_sam2_cache(folder, backend, progress=False)
+    shutil.rmtree(folder)  # what preprocess_unlabeled's final rename does to the old folder
+    _make_unlabeled_folder(tmp_path, cases)
+    for f in folder.iterdir():
+        if f.is_file():
+            os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**10))
+    counter = _EncodeCounter(backend, monkeypatch)
+    assert build_sam2_cache(folder, backend, progress=False) == cache
+    assert counter.calls == 0
+    data_b = np.stack([_blob_image(32, 48, seed=0)])[None]
+    data_b[0, 0, 5, 5] += 1.0  # one voxel differs: the content hash sees it
+    _write_case(folder, "case_b", data_b)
+    build_sam2_cache(folder, backend, progress=False)
+    assert counter.calls == 1
+
+
+_LOCK_WORKER = """
+import os, sys, time
+from pathlib import Path
+from nnunetv2_sss.sam.backend import SAM2Backend
+from nnunetv2_sss.sam.cache import build_sam2_cache
+ckpt, folder, log, size, barrier = sys.argv[1:6]
+backend = SAM2Backend(ckpt, image_size=int(size))
+Path(barrier, str(os.getpid())).touch()
+while len(list(Path(barrier).iterdir())) < 2:  # both processes enter the build at the same moment
+    time.sleep(0.01)
+
+def done(identifier):
+    with open(log, "a") as f:
+        f.write(identifier + "\\n")
+    time.sleep(1.0)  # a slow build: the other process must arrive while it runs
+
+print(build_sam2_cache(Path(folder), backend, on_case_done=done, progress=True))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_build_the_cache_once(sam_checkpoint: Path, tmp_path: Path) -> None:
+    """Two processes (as two folds starting together) build the same cache: one encodes every case exactly once,
+    the other waits on the lock and then finds it complete; no process fails, nothing half-written is left."""
+    import subprocess
+
+    folder = _make_unlabeled_folder(tmp_path, CASES)
+    log, barrier = tmp_path / "encoded.txt", tmp_path / "barrier"
+    barrier.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", _LOCK_WORKER, str(sam_checkpoint), str(folder), str(log),
+                               str(S), str(barrier)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    cache = sam2_cache_folder(folder)
+    assert all(out.strip().splitlines()[-1] == str(cache) for out, _ in outs)
+    assert sorted(log.read_text().split()) == sorted(CASES)  # each case encoded once, by one of the two
+    assert sum("being built by another process" in err for _, err in outs) == 1  # the other one really waited
+    assert not any(p.name.endswith((BUILDING_SUFFIX, ".old")) for p in cache.parent.iterdir())
+    assert not list(cache.glob("*.tmp")) and cache_is_valid(cache, read_cache_key(cache), list(CASES))
+
+
 def test_stale_key_rebuilds_whole_cache(backend: SAM2Backend, sam_checkpoint: Path, tmp_path: Path) -> None:
     folder = _make_unlabeled_folder(tmp_path, {"case_a": (2, 40, 56), "case_b": (1, 32, 48)})
     cache = build_sam2_cache(folder, backend, "nnUNetPlans", "2d", progress=False)
     (cache / "stray_file_from_old_cache.txt").write_text("old")
     other = SAM2Backend(sam_checkpoint, image_size=64)  # different SAM image size -> different key
-    cache2 = build_sam2_cache(folder, other, "nnUNetPlans", "2d", progress=False)
+    cache2 = build_sam2_cache(folder, other, progress=False)
     assert cache2 == cache
     assert read_cache_key(cache)["image_size"] == 64
     assert not (cache / "stray_file_from_old_cache.txt").exists()  # the old folder is gone, not patched
-    assert not any(p.name.endswith((BUILDING_SUFFIX, ".old")) for p in folder.iterdir())
+    assert not any(p.name.endswith((BUILDING_SUFFIX, ".old")) for p in cache.parent.iterdir())
     assert load_case_features(cache, "case_a", 1)["image_embed"].shape == (1, 256, 4, 4)
-    # a different configuration or plans identifier is stale too
-    key = make_cache_key(other, "nnUNetPlans", "2d", "nnUNetPlans_2d")
-    assert cache_is_valid(cache, key)
-    assert not cache_is_valid(cache, make_cache_key(other, "nnUNetResEncUNetMPlans", "2d", "nnUNetPlans_2d"))
+    assert cache_is_valid(cache, make_cache_key(other)) and not cache_is_valid(cache, make_cache_key(backend))
 
 
 def test_interrupted_build_resumes(backend: SAM2Backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -521,7 +587,7 @@ def test_interrupted_build_resumes(backend: SAM2Backend, tmp_path: Path, monkeyp
     assert counter.calls == sum(CASES[c][0] for c in CASES if c != done)
     assert case_cache_file(cache, done).stat().st_mtime_ns == done_mtime
     assert not list(cache.glob("*.tmp")) and not building.exists()
-    assert cache_is_valid(cache, make_cache_key(backend, "nnUNetPlans", "2d", "nnUNetPlans_2d"), list(CASES))
+    assert cache_is_valid(cache, make_cache_key(backend), list(CASES))
 
 
 def test_build_cache_for_dataset_finds_the_unlabeled_folder(backend: SAM2Backend, nnunet_dirs: dict[str, Path]) -> None:
@@ -534,8 +600,8 @@ def test_build_cache_for_dataset_finds_the_unlabeled_folder(backend: SAM2Backend
         build_sam2_cache_for_dataset("Dataset901_SamCache", "2d", backend, progress=False)
     _make_unlabeled_folder(dataset, {"case_a": (1, 24, 32)})
     cache = build_sam2_cache_for_dataset("Dataset901_SamCache", "2d", backend, progress=False)
-    assert cache == dataset / "nnUNetPlans_2d_unlabeled" / "sam2_cache"
-    assert read_cache_key(cache)["plans_identifier"] == "nnUNetPlans"
+    assert cache == dataset / "nnUNetPlans_2d_sam2_cache"
+    assert read_cache_key(cache) == make_cache_key(backend)
     assert case_cache_file(cache, "case_a").is_file()
 
 
@@ -559,6 +625,6 @@ def test_cache_cli(sam_checkpoint: Path, nnunet_dirs: dict[str, Path], monkeypat
 
     monkeypatch.setattr("sys.argv", [*sys.argv, "--checkpoint", str(sam_checkpoint)])
     cache_sam2_entry()
-    cache = dataset / "nnUNetPlans_2d_unlabeled" / "sam2_cache"
+    cache = dataset / "nnUNetPlans_2d_sam2_cache"
     assert str(cache) in capsys.readouterr().out
     assert read_cache_key(cache)["image_size"] == 64 and case_cache_file(cache, "case_a").is_file()

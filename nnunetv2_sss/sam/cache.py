@@ -1,18 +1,22 @@
 """SAM-2 embedding cache of the preprocessed unlabeled cases: encode every slice once, decode prompts many times.
 
-Layout (inside ``<data_identifier>_unlabeled/``, see ``layout.sam2_cache_folder``)::
+Layout (``<data_identifier>_sam2_cache/`` beside ``<data_identifier>_unlabeled/``, see ``layout.sam2_cache_folder``;
+outside the unlabeled folder because re-preprocessing replaces that folder wholesale)::
 
-    sam2_cache/cache_key.json   what the features were made with (checkpoint sha256, config, SAM image size,
-                                plans identifier, configuration, data identifier, sam2 version, windowing)
-    sam2_cache/CASE.pt          per case: image_embed (Z, 256, S/16, S/16) and high_res_feats
-                                [(Z, 32, S/4, S/4), (Z, 64, S/8, S/8)] as fp16, plus the slice size and the
-                                size/mtime of the source case files
+    cache_key.json   the model the features were made with (checkpoint sha256, config, SAM image size, sam2
+                     major.minor, windowing); a different key means every case must be re-encoded
+    CASE.pt          per case: image_embed (Z, 256, S/16, S/16) and high_res_feats [(Z, 32, S/4, S/4),
+                     (Z, 64, S/8, S/8)] as fp16, the slice size and the sha256 of the preprocessed image array
 
-Slices are the first spatial axis of nnU-Net's preprocessed data (C, Z, Y, X): the slice axis for 2D configurations.
-A key mismatch rebuilds everything in ``sam2_cache.building/`` and swaps it in only when complete, so a trainer never
-sees a half-old, half-new cache. With a matching key a rerun resumes: cases whose file exists and whose source files
-are unchanged are skipped; leftover temp files are deleted. One builder at a time per folder is assumed (in DDP,
-build on rank 0 only).
+Staleness is decided by content, never by file times or package patch versions: a case is re-encoded only when the
+sha256 of its preprocessed array changed (so a touched raw file, or re-preprocessing that gives the same arrays,
+keeps the cache), the whole cache only when the model key changed. Slices are the first spatial axis of nnU-Net's
+preprocessed data (C, Z, Y, X): the slice axis for 2D configurations.
+
+A key mismatch rebuilds everything in ``<cache>.building/`` and swaps it in only when complete, so a trainer never
+sees a half-old, half-new cache; with a matching key a rerun resumes. Builds hold an exclusive cross-process lock
+(``<cache>.lock``, an OS file lock that dies with its process), so folds started together wait for one build
+instead of racing on the same files.
 """
 
 from __future__ import annotations
@@ -21,24 +25,27 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from tqdm import tqdm
 
 from nnunetv2_sss.sam.backend import WINDOW_PERCENTILES, SAM2Backend, to_sam_image, window_bounds
-from nnunetv2_sss.unlabeled.layout import UNLABELED_SUFFIX, sam2_cache_folder, unlabeled_preprocessed_folder
+from nnunetv2_sss.unlabeled.layout import sam2_cache_folder, unlabeled_preprocessed_folder
 
 CACHE_KEY_FILE = "cache_key.json"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 BUILDING_SUFFIX = ".building"
 OLD_SUFFIX = ".old"
 TMP_SUFFIX = ".tmp"
-_SOURCE_ENDINGS = (".b2nd", ".npz", ".npy", ".pkl")
+LOCK_SUFFIX = ".lock"
 _HASH_MEMO: dict[str, dict[str, Any]] = {}
 
 
@@ -94,17 +101,18 @@ def checkpoint_sha256(path: str | Path) -> str:
 
 
 # --- key -----------------------------------------------------------------------------------------------------------
-def make_cache_key(backend: SAM2Backend, plans_identifier: str, configuration: str, data_identifier: str) -> dict:
-    """Everything the cached features depend on; any difference means the cache is stale."""
+def make_cache_key(backend: SAM2Backend) -> dict:
+    """What the cached features depend on besides the image itself (that is covered per case by its content hash).
+
+    sam2 enters with major.minor only: a patch release does not change the encoder, and must not discard hours of
+    features."""
+    sam2_version = ".".join(version("sam2").split(".")[:2])
     return {
         "format": CACHE_FORMAT,
         "checkpoint_sha256": checkpoint_sha256(backend.checkpoint_path),
         "config": backend.config_name,
         "image_size": backend.image_size,
-        "plans_identifier": plans_identifier,
-        "configuration": configuration,
-        "data_identifier": data_identifier,
-        "sam2_version": version("sam2"),
+        "sam2_version": sam2_version,
         "windowing": f"per-case percentiles {WINDOW_PERCENTILES[0]}/{WINDOW_PERCENTILES[1]} -> uint8",
     }
 
@@ -128,21 +136,46 @@ def case_cache_file(cache_folder: str | Path, identifier: str) -> Path:
     return Path(cache_folder) / f"{identifier}.pt"
 
 
-# --- build ---------------------------------------------------------------------------------------------------------
-def _source_signature(folder: Path, identifier: str) -> dict[str, list[int]]:
-    """Size and mtime of the case's preprocessed files: a re-preprocessed case is re-encoded."""
-    sig = {}
-    for ending in _SOURCE_ENDINGS:
-        f = folder / f"{identifier}{ending}"
-        if f.is_file():
-            st = f.stat()
-            sig[f.name] = [st.st_size, st.st_mtime_ns]
-    return sig
+def content_sha256(data: np.ndarray) -> str:
+    """sha256 of a preprocessed case array (dtype, shape and values): what its SAM-2 features depend on."""
+    arr = np.ascontiguousarray(data)
+    h = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode())
+    h.update(memoryview(arr).cast("B"))
+    return h.hexdigest()
 
 
-def _stored_signature(file: Path) -> dict | None:
+# --- lock ----------------------------------------------------------------------------------------------------------
+def cache_lock_file(cache_folder: str | Path) -> Path:
+    folder = Path(cache_folder)
+    return folder.with_name(folder.name + LOCK_SUFFIX)
+
+
+@contextmanager
+def sam2_cache_lock(cache_folder: str | Path, poll_message: bool = True) -> Iterator[None]:
+    """Exclusive cross-process lock for building ``cache_folder``; says so on stderr when it has to wait.
+
+    An OS-level lock (``filelock``: flock on POSIX, msvcrt on Windows) is released by the kernel when its process
+    dies, so a killed build never leaves a lock behind that blocks the next run."""
+    lock_file = cache_lock_file(cache_folder)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_file))
     try:
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=True).get("source")
+        lock.acquire(timeout=0)
+    except Timeout:
+        if poll_message:
+            print(f"SAM-2 cache {cache_folder} is being built by another process (lock {lock_file}): waiting for it",
+                  file=sys.stderr, flush=True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+# --- build ---------------------------------------------------------------------------------------------------------
+def _stored_sha256(file: Path) -> str | None:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True).get("source_sha256")
     except Exception:  # a damaged case file is simply re-encoded
         return None
 
@@ -174,13 +207,18 @@ def _swap_in(work: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def build_sam2_cache(unlabeled_folder: str | Path, backend: SAM2Backend, plans_identifier: str, configuration: str,
-                     data_identifier: str | None = None, batch_size: int = 1,
+def build_sam2_cache(unlabeled_folder: str | Path, backend: SAM2Backend, plans_identifier: str | None = None,
+                     configuration: str | None = None, data_identifier: str | None = None, batch_size: int = 1,
                      on_case_done: Callable[[str], None] | None = None, progress: bool = True) -> Path:
     """Encode every slice of every case in ``unlabeled_folder`` (nnU-Net preprocessed) and return the cache folder.
 
-    ``data_identifier`` defaults to the folder name without ``_unlabeled``. ``batch_size`` slices per encoder call
-    (more helps on a GPU). ``on_case_done(identifier)`` runs after each case is written (progress hooks, tests).
+    Cases whose stored content hash equals their current array's are kept, others (new, changed, damaged) are
+    encoded; files of cases that no longer exist are removed. The whole build holds ``sam2_cache_lock``: a second
+    process waits and then finds the cache up to date. ``plans_identifier``, ``configuration`` and
+    ``data_identifier`` are accepted for older callers and not used: the features depend on the arrays only, which
+    the content hashes cover, and the folder is named after the unlabeled folder's data identifier.
+    ``batch_size`` slices per encoder call (more helps on a GPU). ``on_case_done(identifier)`` runs after each case
+    is written (progress hooks, tests).
     """
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
@@ -188,51 +226,48 @@ def build_sam2_cache(unlabeled_folder: str | Path, backend: SAM2Backend, plans_i
     if not folder.is_dir() or not any(f.suffix in (".b2nd", ".npz") for f in folder.iterdir() if f.is_file()):
         raise FileNotFoundError(f"No preprocessed unlabeled cases in {folder}. Run nnUNetv2_sss_preprocess_unlabeled "
                                 f"-d DATASET -c CONFIGURATION first.")
-    if data_identifier is None:
-        name = folder.name
-        data_identifier = name[: -len(UNLABELED_SUFFIX)] if name.endswith(UNLABELED_SUFFIX) else name
-    key = make_cache_key(backend, plans_identifier, configuration, data_identifier)
+    key = make_cache_key(backend)
     final = sam2_cache_folder(folder)
     building = final.with_name(final.name + BUILDING_SUFFIX)
-    if read_cache_key(final) == key:
-        work = final
-        shutil.rmtree(building, ignore_errors=True)
-    else:
-        work = building
-        if read_cache_key(building) != key:
+    with sam2_cache_lock(final, poll_message=progress):
+        if read_cache_key(final) == key:
+            work = final
             shutil.rmtree(building, ignore_errors=True)
-            building.mkdir(parents=True)
-            _write_json_atomic(building / CACHE_KEY_FILE, key)
-    for f in work.glob(f"*{TMP_SUFFIX}"):
-        f.unlink(missing_ok=True)
+        else:
+            work = building
+            if read_cache_key(building) != key:
+                shutil.rmtree(building, ignore_errors=True)
+                building.mkdir(parents=True)
+                _write_json_atomic(building / CACHE_KEY_FILE, key)
+        for f in work.glob(f"*{TMP_SUFFIX}"):
+            f.unlink(missing_ok=True)
 
-    ds = infer_dataset_class(str(folder))(str(folder))
-    identifiers = list(ds.identifiers)
-    for f in work.glob("*.pt"):
-        if f.stem not in identifiers:
-            f.unlink()
-    todo = []
-    for identifier in identifiers:
-        target = case_cache_file(work, identifier)
-        if not (target.is_file() and _stored_signature(target) == _source_signature(folder, identifier)):
-            todo.append(identifier)
+        ds = infer_dataset_class(str(folder))(str(folder))
+        identifiers = list(ds.identifiers)
+        for f in work.glob("*.pt"):
+            if f.stem not in identifiers:
+                f.unlink()
+        bar = tqdm(identifiers, desc=f"SAM-2 cache ({backend.image_size}px)", unit="case", disable=not progress)
+        for identifier in bar:
+            data = np.asarray(ds.load_case(identifier)[0][:], dtype=np.float32)
+            if data.ndim != 4:
+                raise ValueError(f"{identifier} in {folder}: expected preprocessed data (C, Z, Y, X), got shape "
+                                 f"{data.shape}. Re-run nnUNetv2_sss_preprocess_unlabeled for this configuration.")
+            sha = content_sha256(data)
+            target = case_cache_file(work, identifier)
+            if target.is_file() and _stored_sha256(target) == sha:
+                continue
+            entry = _encode_case(data, backend, max(1, batch_size))
+            entry.update(format=CACHE_FORMAT, identifier=identifier, source_sha256=sha,
+                         orig_hw=[int(data.shape[2]), int(data.shape[3])], num_slices=int(data.shape[1]))
+            tmp = target.with_name(f"{target.name}.{os.getpid()}{TMP_SUFFIX}")
+            torch.save(entry, tmp)
+            os.replace(tmp, target)
+            if on_case_done is not None:
+                on_case_done(identifier)
 
-    for identifier in tqdm(todo, desc=f"SAM-2 encoding ({backend.image_size}px)", unit="case", disable=not progress):
-        data = np.asarray(ds.load_case(identifier)[0][:], dtype=np.float32)
-        if data.ndim != 4:
-            raise ValueError(f"{identifier}: expected preprocessed data (C, Z, Y, X), got shape {data.shape}")
-        entry = _encode_case(data, backend, max(1, batch_size))
-        entry.update(format=CACHE_FORMAT, identifier=identifier, source=_source_signature(folder, identifier),
-                     orig_hw=[int(data.shape[2]), int(data.shape[3])], num_slices=int(data.shape[1]))
-        target = case_cache_file(work, identifier)
-        tmp = target.with_name(f"{target.name}.{os.getpid()}{TMP_SUFFIX}")
-        torch.save(entry, tmp)
-        os.replace(tmp, target)
-        if on_case_done is not None:
-            on_case_done(identifier)
-
-    if work != final:
-        _swap_in(work, final)
+        if work != final:
+            _swap_in(work, final)
     return final
 
 
@@ -253,8 +288,7 @@ def build_sam2_cache_for_dataset(dataset_name_or_id: str | int, configuration: s
                                 f"(nnUNetv2_plan_and_preprocess), or pass the right -p PLANS.")
     data_identifier = PlansManager(load_json(str(plans_file))).get_configuration(configuration).data_identifier
     folder = unlabeled_preprocessed_folder(dataset_folder, data_identifier)
-    return build_sam2_cache(folder, backend, plans_identifier, configuration, data_identifier=data_identifier,
-                            **kwargs)
+    return build_sam2_cache(folder, backend, **kwargs)
 
 
 # --- load ----------------------------------------------------------------------------------------------------------

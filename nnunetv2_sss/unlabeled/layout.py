@@ -9,7 +9,7 @@ UNLABELED_SUFFIX = "_unlabeled"
 # nnU-Net infers the dataset class from the file endings at the top of the folder: metadata goes in a subfolder.
 META_FOLDER = "sss_meta"
 STAMP_FILE = "stamp.json"
-SAM2_CACHE_FOLDER = "sam2_cache"
+SAM2_CACHE_SUFFIX = "_sam2_cache"
 SAM_PSEUDOLABEL_FOLDER = "sam2_pseudolabels"
 
 
@@ -24,8 +24,11 @@ def unlabeled_preprocessed_folder(preprocessed_dataset_folder: str | Path, data_
 
 
 def sam2_cache_folder(unlabeled_folder: str | Path) -> Path:
-    """SAM-2 image embeddings of every slice of the preprocessed unlabeled cases."""
-    return Path(unlabeled_folder) / SAM2_CACHE_FOLDER
+    """SAM-2 image embeddings of every slice of the preprocessed unlabeled cases: ``<data_identifier>_sam2_cache``
+    BESIDE ``<data_identifier>_unlabeled``, because re-preprocessing replaces that folder wholesale and the cache
+    (hours on a CPU) must survive it; its per-case content hashes say which cases really changed."""
+    folder = Path(unlabeled_folder)
+    return folder.with_name(folder.name.removesuffix(UNLABELED_SUFFIX) + SAM2_CACHE_SUFFIX)
 
 
 def sam_pseudolabel_folder(unlabeled_folder: str | Path) -> Path:
