@@ -11,8 +11,10 @@ from nnunetv2_sss.sam.pcsw import (
     PCSWConfig,
     PlausibilityLimits,
     SlicePrompt,
+    generate_component_prompts,
     generate_prompts,
     learn_plausibility_limits,
+    naive_prompts,
     to_sam_coords,
 )
 
@@ -297,3 +299,83 @@ def test_deepest_point_uses_in_plane_spacing() -> None:
     (mm,) = [p for p in generate_prompts(vol, [1], spacing=(5.0, 1.0, 2.0))[0] if p.z == 0]
     assert px.point_coords[0][0] >= 30  # in pixels B is deeper (4 vs 3)
     assert mm.point_coords[0][0] < 11  # with 2 mm columns A is deeper (6 mm vs 4 mm)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# component mode (SSS): one prompt per kept 3D component, on its largest-area slice
+def test_component_mode_prompts_each_component_once_on_its_largest_slice() -> None:
+    shape = (48, 64)
+    vol = np.zeros((7, *shape), np.uint8)
+    radii = [4, 6, 9, 11, 8, 5, 3]  # widest on slice 3
+    for z, r in enumerate(radii):
+        vol[z][disk(shape, (24, 20), r)] = 1
+    vol[2:5][:, disk(shape, (24, 52), 5)] = 2  # a second class on slices 2-4, largest area tie -> first slice
+    comps, report, kept = generate_component_prompts(vol, [1, 2], PCSWConfig(window=3, tau=0.8))
+    assert [(c.label, c.key_z, c.z_range) for c in comps] == [(1, 3, (0, 7)), (2, 2, (2, 5))]
+    c1 = comps[0]
+    assert c1.voxels == int((vol == 1).sum()) and c1.continuity == pytest.approx(1.0)
+    p = c1.prompt
+    r, c = point_rc(p)
+    assert (r, c) == (24, 20) and p.point_labels.tolist() == [1]
+    assert p.component_pixels == disk(shape, (24, 20), 11).sum()
+    x0, y0, x1, y1 = p.box
+    assert x0 <= 20 - 11 and x1 > 20 + 11 and y0 <= 24 - 11 and y1 > 24 + 11
+    assert report.accepted == {1: 1, 2: 1} and all(d.z_range is not None for d in report.decisions)
+    assert np.array_equal(kept, vol.astype(np.int16))
+    # slice mode on the same volume prompts every slice of every class: 7 + 3 prompts instead of 2
+    per_slice, _ = generate_prompts(vol, [1, 2], PCSWConfig(window=3, tau=0.8, mode="slice"))
+    assert len(per_slice) == 10
+
+
+def test_component_mode_rejects_comparable_pieces_and_keeps_dominant_with_speck() -> None:
+    shape = (40, 80)
+    split = stack(disk(shape, (20, 18), 8) | disk(shape, (20, 60), 8), 4)
+    comps, report, kept = generate_component_prompts(split, [1], PCSWConfig(tau=0.8))
+    assert comps == [] and report.rejected[1] == {"inconsistent": 2} and not kept.any()
+    assert all(d.consistency == pytest.approx(0.5) for d in report.decisions)
+
+    big, speck = disk(shape, (20, 18), 9), disk(shape, (20, 60), 2)
+    vol = stack(big, 4)
+    vol[1][speck] = 1  # a speck on one slice: its own component, a tiny share of its windows
+    comps, report, kept = generate_component_prompts(vol, [1], PCSWConfig(tau=0.8, min_pixels=1))
+    assert len(comps) == 1 and comps[0].voxels == 4 * big.sum()
+    assert report.rejected[1] == {"inconsistent": 1}
+    (speck_decision,) = [d for d in report.decisions if not d.accepted]
+    assert speck_decision.z == 1 and speck_decision.z_range == (1, 2) and speck_decision.consistency < 0.05
+    assert kept[1][speck].sum() == 0 and (kept[1][big] == 1).all()  # the speck's voxels stay unprompted
+
+
+def test_component_mode_limits_score_and_continuity_at_volume_ends() -> None:
+    shape = (64, 64)
+    vol = stack(disk(shape, (32, 32), 10), 5)
+    limits = learn_plausibility_limits([stack(disk(shape, (32, 32), 4), 3)], None, [1], slack=0.2)
+    comps, report, _ = generate_component_prompts(vol, [1], limits=limits)
+    assert comps == [] and report.rejected[1] == {"area_above_limit": 1}
+    probs = np.stack([1 - vol, vol]).astype(np.float32) * 0.6
+    comps, report, _ = generate_component_prompts(vol, [1], PCSWConfig(min_score=0.7), probabilities=probs)
+    assert comps == [] and report.rejected[1] == {"low_score": 1}
+    comps, _, _ = generate_component_prompts(vol, [1], PCSWConfig(min_score=0.5), probabilities=probs)
+    assert comps[0].prompt.score == pytest.approx(0.6)
+    # a second object on the last slice only: in the centred (shifted) windows of slices 2-4 the main object
+    # holds 1/2 of slice 4's share; its mean continuity stays high, the lone object's is low
+    two = vol.copy()
+    two[4][disk(shape, (10, 10), 10) & ~disk(shape, (32, 32), 13)] = 1
+    comps, report, _ = generate_component_prompts(two, [1], PCSWConfig(tau=0.8, window=3))
+    assert len(comps) == 1 and comps[0].z_range == (0, 5) and 0.8 < comps[0].continuity < 1.0
+
+
+def test_mode_is_validated() -> None:
+    with pytest.raises(ValueError, match="mode must be 'component'"):
+        PCSWConfig(mode="volume")
+    assert PCSWConfig().mode == "component"
+
+
+def test_naive_prompts_every_component_on_every_slice() -> None:
+    shape = (40, 80)
+    vol = stack(disk(shape, (20, 18), 8) | disk(shape, (20, 60), 8), 3)
+    vol[1][disk(shape, (5, 40), 1)] = 2  # a 5-pixel speck of class 2 on slice 1
+    naive = naive_prompts(vol, [1, 2])
+    assert sorted((p.z, p.label) for p in naive) == [(0, 1), (0, 1), (1, 1), (1, 1), (1, 2), (2, 1), (2, 1)]
+    assert all(np.isnan(p.consistency) for p in naive)
+    pcsw, _ = generate_prompts(vol, [1, 2], PCSWConfig(mode="slice", min_pixels=6))
+    assert pcsw == []  # every slice split 50/50 and the speck too small: PCSW prompts none of them

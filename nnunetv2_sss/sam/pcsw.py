@@ -1,8 +1,18 @@
 """PCSW prompt generator (Physical Constraints + Sliding Window, SSS: Zhu et al. 2025, arXiv 2506.08949).
 
-Turns the network's own prediction on an unlabeled volume into per-slice, per-class box/point prompts for SAM-2.
-SAM-2 only helps where its prompt is right, so a (slice, class) pair is prompted only when the prediction around
-it looks physically sound:
+Turns the network's own prediction on an unlabeled volume into box/point prompts for SAM-2. Two modes
+(``PCSWConfig.mode``):
+
+* ``"component"`` (default, SSS as described): ``generate_component_prompts`` keeps each 3D component of a class
+  whose continuity over the sliding window reaches tau and prompts it ONCE, on its largest-area slice; SAM-2's video
+  predictor carries it through the component's other slices (``propagation.py``). SAM-2 then outlines those slices
+  from its memory of the key slice, so it can correct -- and add to -- what the student predicted there.
+* ``"slice"``: ``generate_prompts`` below prompts every accepted (slice, class) from that slice's own prediction;
+  each SAM box is the student's box plus a margin, so SAM can only relabel pixels near the student's own mask.
+
+``naive_prompts`` (every in-plane component on every slice, no filter) is the baseline prompt quality is measured
+against (``scripts/benchmark_prompts.py``). Slice mode in detail -- a (slice, class) pair is prompted only when the
+prediction around it looks physically sound:
 
 1. Sliding-window consistency. For slice ``z`` and class ``c`` take a window of ``config.window`` consecutive
    slices (by default the one centred on ``z``, shifted -- not shrunk -- at the volume ends). Label the class's 3D
@@ -52,8 +62,11 @@ __all__ = [
     "PlausibilityLimits",
     "PromptDecision",
     "SlicePrompt",
+    "ComponentPrompt",
+    "generate_component_prompts",
     "generate_prompts",
     "learn_plausibility_limits",
+    "naive_prompts",
     "to_sam_coords",
 ]
 
@@ -88,6 +101,9 @@ class PCSWConfig:
         the learned limits.
     min_score: with class probabilities given, the mean probability of the class over the component must reach
         this; 0 disables the check.
+    mode: "component" (SSS) -- one prompt per kept 3D component, on its largest-area slice, carried through the
+        component's other slices by SAM-2's video predictor (``generate_component_prompts``); "slice" -- one
+        prompt per accepted (slice, class), each decoded on its own slice (``generate_prompts``).
     """
 
     window: int = 3
@@ -99,6 +115,7 @@ class PCSWConfig:
     negative_points: bool = True
     min_pixels: int = 5
     min_score: float = 0.0
+    mode: str = "component"
 
     def __post_init__(self) -> None:
         if self.window < 1:
@@ -115,6 +132,9 @@ class PCSWConfig:
             raise ValueError(f"min_pixels must be >= 1, got {self.min_pixels}")
         if not 0.0 <= self.min_score <= 1.0:
             raise ValueError(f"min_score must be in [0, 1], got {self.min_score}")
+        if self.mode not in ("component", "slice"):
+            raise ValueError(f"mode must be 'component' (key slice + SAM-2 propagation) or 'slice' (every slice "
+                             f"prompted on its own), got {self.mode!r}")
 
 
 @dataclass(frozen=True)
@@ -202,6 +222,24 @@ class SlicePrompt:
     window: tuple[int, int]  # [start, stop) slices of the deciding window
 
 
+@dataclass
+class ComponentPrompt:
+    """Component mode: one kept 3D component of one class, prompted once on its key (largest-area) slice."""
+
+    prompt: SlicePrompt  # the key-slice prompt; prompt.z is the key slice
+    z_range: tuple[int, int]  # [start, stop) slices the component spans: SAM-2 carries the prompt through them
+    voxels: int  # voxels of the 3D component
+    continuity: float  # mean share of the class's voxels this component holds in the windows over its slices
+
+    @property
+    def label(self) -> int:
+        return self.prompt.label
+
+    @property
+    def key_z(self) -> int:
+        return self.prompt.z
+
+
 @dataclass(frozen=True)
 class PromptDecision:
     """Why a (slice, class) with the class present on the slice was or was not prompted."""
@@ -212,11 +250,13 @@ class PromptDecision:
     reason: str
     consistency: float
     area: float  # nan when the decision came before the component was measured
+    z_range: tuple[int, int] | None = None  # component mode: [start, stop) slices of the component; z = key slice
 
 
 @dataclass
 class PCSWReport:
-    """Accepted/rejected counts per class and reasons, for logging. Slices without the class are not counted."""
+    """Accepted/rejected counts per class and reasons, for logging. Slice mode counts (slice, class) pairs with the
+    class present (slices without it are not counted); component mode counts 3D components."""
 
     accepted: dict[int, int] = field(default_factory=dict)
     rejected: dict[int, dict[str, int]] = field(default_factory=dict)
@@ -307,6 +347,57 @@ def _window_starts(z: int, n_slices: int, window: int, mode: str) -> list[int]:
     return [centred, *sorted(others, key=lambda s: abs(s - centred))]
 
 
+class _PromptBuilder:
+    """Box + deepest positive point (+ negative points) of one 2D component; shared by every prompting mode so
+    that PCSW, its per-component variant and the naive baseline differ only in which components they prompt."""
+
+    def __init__(self, vol: np.ndarray, labels: Sequence[int], config: PCSWConfig,
+                 sampling: tuple[float, float]) -> None:
+        self.vol, self.labels, self.config, self.sampling = vol, list(labels), config, sampling
+        self._edt: dict[tuple[int, int], np.ndarray] = {}  # (z, label) -> in-plane EDT, shared across classes
+
+    def _edt_of(self, z: int, lab: int) -> np.ndarray:
+        key = (z, lab)
+        if key not in self._edt:
+            self._edt[key] = ndimage.distance_transform_edt(np.pad(self.vol[z] == lab, 1),
+                                                            sampling=self.sampling)[1:-1, 1:-1]
+        return self._edt[key]
+
+    def build(self, z: int, c: int, comp2d: np.ndarray, area: float, consistency: float, score: float,
+              window: tuple[int, int]) -> SlicePrompt:
+        config = self.config
+        height, width = comp2d.shape
+        r0, r1, c0, c1 = _bbox2d(comp2d)
+        pr, pc = _deepest_point(comp2d, self.sampling)
+        my = _margin(r1 - r0 + 1, config.box_margin, config.min_margin_px)
+        mx = _margin(c1 - c0 + 1, config.box_margin, config.min_margin_px)
+        y0, y1 = max(0, r0 - my), min(height, r1 + 1 + my)
+        x0, x1 = max(0, c0 - mx), min(width, c1 + 1 + mx)
+        coords = [(pc, pr)]
+        point_labels = [1]
+        if config.negative_points:
+            box_labels = np.unique(self.vol[z, y0:y1, x0:x1])
+            for o in self.labels:
+                if o == c or o not in box_labels:
+                    continue
+                sub = self._edt_of(z, o)[y0:y1, x0:x1]
+                nr, nc = np.unravel_index(int(np.argmax(sub)), sub.shape)
+                coords.append((x0 + int(nc), y0 + int(nr)))
+                point_labels.append(0)
+        return SlicePrompt(
+            z=z,
+            label=c,
+            point_coords=np.asarray(coords, dtype=np.float32).reshape(-1, 2),
+            point_labels=np.asarray(point_labels, dtype=np.int32),
+            box=np.asarray([x0, y0, x1, y1], dtype=np.float32),
+            component_area=float(area),
+            component_pixels=int(comp2d.sum()),
+            consistency=float(consistency),
+            score=float(score),
+            window=window,
+        )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # public API
 
@@ -378,31 +469,14 @@ def generate_prompts(
     Returns prompts sorted by (z, label) and a report of accepted/rejected counts with reasons.
     """
     vol = _as_volume(seg)
-    n_z, height, width = vol.shape
+    n_z = vol.shape[0]
     _, sy, sx = _spacing3(spacing, vol.shape)
-    if limits is not None:
-        want = "px" if spacing is None else "mm"
-        if limits.units != want:
-            raise ValueError(f"limits are in {limits.units} but spacing {'is' if spacing is not None else 'is not'} "
-                             f"given: pass spacing exactly when the limits were learned with spacings")
-    probs = None
-    if probabilities is not None:
-        probs = np.asarray(probabilities)
-        if probs.ndim == 3:
-            probs = probs[:, None]
-        if probs.ndim != 4 or probs.shape[1:] != vol.shape:
-            raise ValueError(f"probabilities must be (C, *seg.shape), got {np.shape(probabilities)} for {vol.shape}")
+    _check_units(limits, spacing)
+    probs = _checked_probabilities(probabilities, vol)
     labels = [int(c) for c in foreground_labels]
     window = min(config.window, n_z)
     structure = ndimage.generate_binary_structure(3, _CONNECTIVITY_RANK[config.connectivity])
-    sampling = (sy, sx)
-    other_edt: dict[tuple[int, int], np.ndarray] = {}  # (z, label) -> in-plane EDT, shared across classes
-
-    def edt_of(z: int, lab: int) -> np.ndarray:
-        key = (z, lab)
-        if key not in other_edt:
-            other_edt[key] = ndimage.distance_transform_edt(np.pad(vol[z] == lab, 1), sampling=sampling)[1:-1, 1:-1]
-        return other_edt[key]
+    builder = _PromptBuilder(vol, labels, config, (sy, sx))
 
     prompts: list[SlicePrompt] = []
     report = PCSWReport()
@@ -456,36 +530,135 @@ def generate_prompts(
             if reason != OK:
                 continue
 
-            pr, pc = _deepest_point(comp2d, sampling)
-            my = _margin(r1 - r0 + 1, config.box_margin, config.min_margin_px)
-            mx = _margin(c1 - c0 + 1, config.box_margin, config.min_margin_px)
-            y0, y1 = max(0, r0 - my), min(height, r1 + 1 + my)
-            x0, x1 = max(0, c0 - mx), min(width, c1 + 1 + mx)
-            coords = [(pc, pr)]
-            point_labels = [1]
-            if config.negative_points:
-                box_labels = np.unique(vol[z, y0:y1, x0:x1])
-                for o in labels:
-                    if o == c or o not in box_labels:
-                        continue
-                    sub = edt_of(z, o)[y0:y1, x0:x1]
-                    nr, nc = np.unravel_index(int(np.argmax(sub)), sub.shape)
-                    coords.append((x0 + int(nc), y0 + int(nr)))
-                    point_labels.append(0)
-            prompts.append(SlicePrompt(
-                z=z,
-                label=c,
-                point_coords=np.asarray(coords, dtype=np.float32).reshape(-1, 2),
-                point_labels=np.asarray(point_labels, dtype=np.int32),
-                box=np.asarray([x0, y0, x1, y1], dtype=np.float32),
-                component_area=float(area),
-                component_pixels=n_pix,
-                consistency=float(ratio),
-                score=float(score),
-                window=(start, start + window),
-            ))
+            prompts.append(builder.build(z, c, comp2d, area, float(ratio), float(score), (start, start + window)))
     prompts.sort(key=lambda p: (p.z, p.label))
     return prompts, report
+
+
+def _checked_probabilities(probabilities: np.ndarray | None, vol: np.ndarray) -> np.ndarray | None:
+    if probabilities is None:
+        return None
+    probs = np.asarray(probabilities)
+    if probs.ndim == 3:
+        probs = probs[:, None]
+    if probs.ndim != 4 or probs.shape[1:] != vol.shape:
+        raise ValueError(f"probabilities must be (C, *seg.shape), got {np.shape(probabilities)} for {vol.shape}")
+    return probs
+
+
+def _check_units(limits: PlausibilityLimits | None, spacing: Sequence[float] | None) -> None:
+    if limits is not None:
+        want = "px" if spacing is None else "mm"
+        if limits.units != want:
+            raise ValueError(f"limits are in {limits.units} but spacing {'is' if spacing is not None else 'is not'} "
+                             f"given: pass spacing exactly when the limits were learned with spacings")
+
+
+def generate_component_prompts(
+    seg: np.ndarray,
+    foreground_labels: Sequence[int],
+    config: PCSWConfig = PCSWConfig(),  # noqa: B008 -- frozen dataclass, safe as a default
+    limits: PlausibilityLimits | None = None,
+    spacing: Sequence[float] | None = None,
+    *,
+    probabilities: np.ndarray | None = None,
+) -> tuple[list[ComponentPrompt], PCSWReport, np.ndarray]:
+    """PCSW as SSS describes it: one prompt per physically consistent 3D component, on its largest-area slice.
+
+    Each class's prediction is split into 3D connected components (``config.connectivity``) over the whole volume.
+    A component's continuity is the mean, over the slices it spans, of the share of the class's voxels it holds in
+    the sliding window of ``config.window`` slices around that slice (``config.window_mode``: the centred window, or
+    the best window containing the slice). It is kept when the continuity reaches ``config.tau``: an organ is one
+    dominant object across neighbouring slices, two comparable pieces are a guess. A kept component must also pass
+    ``min_pixels`` and the plausibility ``limits`` on its key (largest-area) slice and, with probabilities,
+    ``min_score`` (mean class probability over the 3D component). It is prompted ONCE on the key slice (box, deepest
+    positive point, negative points, as in slice mode); SAM-2's video predictor then carries the mask through the
+    component's other slices (``nnunetv2_sss.sam.propagation``), so SAM-2 -- not the student -- outlines them.
+
+    Returns the kept components sorted by (label, key slice), a report with one decision per component (z = key
+    slice, ``z_range`` = its slices) and ``kept``: a (Z, Y, X) int16 map holding the class of every voxel of a kept
+    component and 0 elsewhere (student voxels outside it were rejected: SAM-2 is not asked about them).
+    """
+    vol = _as_volume(seg)
+    n_z = vol.shape[0]
+    _, sy, sx = _spacing3(spacing, vol.shape)
+    _check_units(limits, spacing)
+    probs = _checked_probabilities(probabilities, vol)
+    labels = [int(c) for c in foreground_labels]
+    window = min(config.window, n_z)
+    structure = ndimage.generate_binary_structure(3, _CONNECTIVITY_RANK[config.connectivity])
+    builder = _PromptBuilder(vol, labels, config, (sy, sx))
+    kept = np.zeros(vol.shape, dtype=np.int16)
+    out: list[ComponentPrompt] = []
+    report = PCSWReport()
+    for c in labels:
+        comp, n = ndimage.label(vol == c, structure=structure)
+        if n == 0:
+            continue
+        # voxels of every component on every slice, (Z, n + 1); column 0 is "not this class"
+        per_slice = np.stack([np.bincount(comp[z].ravel(), minlength=n + 1) for z in range(n_z)]).astype(np.float64)
+        per_slice[:, 0] = 0
+        csum = np.concatenate([np.zeros((1, n + 1)), np.cumsum(per_slice, axis=0)])
+        in_window = csum[window:] - csum[:-window]  # (window starts, n + 1)
+        totals = in_window.sum(axis=1, keepdims=True)
+        share = np.divide(in_window, totals, out=np.zeros_like(in_window), where=totals > 0)
+        for k, box3d in enumerate(ndimage.find_objects(comp), start=1):
+            z0, z1 = int(box3d[0].start), int(box3d[0].stop)
+            continuity = float(np.mean([max(share[s, k] for s in _window_starts(z, n_z, window, config.window_mode))
+                                        for z in range(z0, z1)]))
+            areas = per_slice[z0:z1, k]
+            key = z0 + int(np.argmax(areas))
+            comp2d = comp[key] == k
+            n_pix = int(areas.max())
+            area = n_pix * sy * sx
+            reason = OK if continuity >= config.tau else INCONSISTENT
+            if reason == OK and n_pix < config.min_pixels:
+                reason = TOO_FEW_PIXELS
+            if reason == OK and limits is not None:
+                r0, r1, c0, c1 = _bbox2d(comp2d)
+                h, w = (r1 - r0 + 1) * sy, (c1 - c0 + 1) * sx
+                reason = limits.check(c, area, min(h, w), max(h, w))
+            member = comp[box3d] == k
+            score = continuity
+            if reason == OK and probs is not None:
+                if c >= probs.shape[0]:
+                    raise ValueError(f"probabilities have {probs.shape[0]} channels, no channel for label {c}")
+                score = float(probs[c][box3d][member].mean())
+                if score < config.min_score:
+                    reason = LOW_SCORE
+            report.record(PromptDecision(key, c, reason == OK, reason, continuity, area, (z0, z1)))
+            if reason != OK:
+                continue
+            kept[box3d][member] = c
+            prompt = builder.build(key, c, comp2d, area, continuity, score, (z0, z1))
+            out.append(ComponentPrompt(prompt, (z0, z1), int(member.sum()), continuity))
+    out.sort(key=lambda p: (p.label, p.key_z))
+    return out, report, kept
+
+
+def naive_prompts(
+    seg: np.ndarray,
+    foreground_labels: Sequence[int],
+    config: PCSWConfig = PCSWConfig(),  # noqa: B008 -- frozen dataclass, safe as a default
+    spacing: Sequence[float] | None = None,
+) -> list[SlicePrompt]:
+    """The baseline PCSW is measured against: a prompt for EVERY in-plane connected component of every class on
+    every slice, nothing filtered (same box, point and negative-point rules; in-plane 8-connectivity, 4 when
+    ``config.connectivity`` is 6). ``consistency`` and ``score`` are NaN: nothing was checked."""
+    vol = _as_volume(seg)
+    _, sy, sx = _spacing3(spacing, vol.shape)
+    labels = [int(c) for c in foreground_labels]
+    structure = ndimage.generate_binary_structure(2, 1 if config.connectivity == 6 else 2)
+    builder = _PromptBuilder(vol, labels, config, (sy, sx))
+    prompts = []
+    for z in range(vol.shape[0]):
+        for c in labels:
+            comp, n = ndimage.label(vol[z] == c, structure=structure)
+            for k in range(1, n + 1):
+                comp2d = comp == k
+                prompts.append(builder.build(z, c, comp2d, float(comp2d.sum()) * sy * sx, math.nan, math.nan,
+                                             (z, z + 1)))
+    return prompts
 
 
 def to_sam_coords(prompt: SlicePrompt, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> SlicePrompt:
