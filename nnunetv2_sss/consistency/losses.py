@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from nnunetv2.utilities.ddp_allgather import AllGatherGrad
+from torch import distributed as dist
 from torch import nn
 
 
@@ -31,12 +33,15 @@ class MaskedCEDiceLoss(nn.Module):
     foreground spilling into confident background.
     """
 
-    def __init__(self, smooth: float = 1e-5, do_bg: bool = True, ce_weight: float = 1.0, dice_weight: float = 1.0):
+    def __init__(self, smooth: float = 1e-5, do_bg: bool = True, ce_weight: float = 1.0, dice_weight: float = 1.0,
+                 ddp: bool | None = None):
         super().__init__()
         self.smooth = smooth
         self.do_bg = do_bg
         self.ce_weight = ce_weight
         self.dice_weight = dice_weight
+        # None: sum over ranks whenever torch.distributed is initialised (multi-GPU), like nnU-Net's batch Dice
+        self.ddp = ddp
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
                 valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -44,7 +49,7 @@ class MaskedCEDiceLoss(nn.Module):
         valid = torch.ones_like(mask) if valid is None else valid.float()
         mask = mask * valid
         ce = F.cross_entropy(logits.float(), target.clamp(min=0), reduction="none")
-        ce = (ce * mask).sum() / valid.sum().clamp(min=1.0)
+        ce_sum, n_valid = (ce * mask).sum(), valid.sum()
 
         probs = torch.softmax(logits.float(), dim=1)
         onehot = torch.zeros_like(probs).scatter_(1, target.clamp(min=0).unsqueeze(1), 1.0)
@@ -52,6 +57,11 @@ class MaskedCEDiceLoss(nn.Module):
         axes = [0] + list(range(2, probs.dim()))
         inter = (probs * onehot * m).sum(axes)
         denom = (probs * m).sum(axes) + (onehot * m).sum(axes)
+        if self.ddp or (self.ddp is None and dist.is_available() and dist.is_initialized()):
+            # the whole global batch's sums on every rank (gradients flow back to each rank's share), so that the
+            # ranks' averaged gradients equal one process's with the whole batch (tests/test_ddp.py)
+            ce_sum, n_valid, inter, denom = (AllGatherGrad.apply(t).sum(0) for t in (ce_sum, n_valid, inter, denom))
+        ce = ce_sum / n_valid.clamp(min=1.0)
         dice = (2 * inter + self.smooth) / (denom + self.smooth)
         if not self.do_bg:
             dice = dice[1:]
