@@ -283,3 +283,20 @@ def test_sam2_checkpoint_directory_is_reported_as_a_directory(tmp_path) -> None:
 
     with pytest.raises(SAM2CheckpointError, match="is a directory, not a checkpoint file"):
         SAM2Backend(tmp_path)
+
+
+def test_evaluate_warns_about_and_counts_predicted_labels_outside_the_gt_set(tmp_path) -> None:
+    from nnunetv2_sss.evaluation.metrics import evaluate_folders
+
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir()
+    pred_dir.mkdir()
+    gt = np.zeros((1, 12, 12), np.uint8)
+    gt[0, 2:6, 2:6] = 1
+    pred = gt.copy()
+    pred[0, 8:10, 8:11] = 4  # a label the GT set {1} does not have
+    for folder, arr in ((gt_dir, gt), (pred_dir, pred)):
+        sitk.WriteImage(sitk.GetImageFromArray(arr), str(folder / "c.nii.gz"))
+    with pytest.warns(UserWarning, match=r"label 4 in 1 case\(s\), 6 voxels"):
+        summary = evaluate_folders(gt_dir, pred_dir, num_processes=1)
+    assert summary["unexpected_predicted_labels"] == {"4": {"cases": ["c"], "voxels": 6}}

@@ -237,7 +237,11 @@ def _evaluate_case(job: tuple[str, Path, Path, list[LabelOrRegion], int | None])
     pred, _ = read_segmentation(pred_file)
     if gt.shape != pred.shape:
         raise ValueError(f"Shape mismatch for {pred_file.name}: GT {gt.shape}, prediction {pred.shape}")
-    return [{"case": case, **row} for row in case_metrics(gt, pred, spacing, labels, ignore_label)]
+    known = {0} | {int(x) for lab in labels for x in (lab if isinstance(lab, tuple) else (lab,))}
+    values, counts = np.unique(pred, return_counts=True)
+    unexpected = {int(v): int(c) for v, c in zip(values, counts) if int(v) not in known and int(v) != ignore_label}
+    rows = [{"case": case, **row} for row in case_metrics(gt, pred, spacing, labels, ignore_label)]
+    return rows, unexpected
 
 
 def _map(func, jobs: list, pool, desc: str) -> list:
@@ -344,7 +348,21 @@ def evaluate_folders(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike, out
         if not labels:
             raise ValueError("No foreground labels to evaluate (GT is all background and no labels were given)")
         jobs = [(case, g, p, labels, ignore_label) for case, g, p in pairs]
-        rows = [r for case_rows in _map(_evaluate_case, jobs, pool, "evaluating") for r in case_rows]
+        results = _map(_evaluate_case, jobs, pool, "evaluating")
+    rows = [r for case_rows, _ in results for r in case_rows]
+    # predicted labels outside the evaluated set score nowhere: count them and say so instead of dropping them
+    unexpected: dict[str, dict[str, Any]] = {}
+    for (case, _, _), (_, found) in zip(pairs, results):
+        for lab, n in found.items():
+            entry = unexpected.setdefault(str(lab), {"cases": [], "voxels": 0})
+            entry["cases"].append(case)
+            entry["voxels"] += n
+    if unexpected:
+        warnings.warn("Predictions contain label(s) that are not among the evaluated labels "
+                      f"{[label_or_region_to_key(lab) for lab in labels]}: " + "; ".join(
+                          f"label {k} in {len(v['cases'])} case(s), {v['voxels']} voxels" for k, v in
+                          unexpected.items()) + ". They count as background in every score; check the label "
+                      "numbering of the predictions (see unexpected_predicted_labels in summary.json).", stacklevel=2)
 
     summary: dict[str, Any] = {
         "n_cases": len(pairs),
@@ -354,6 +372,7 @@ def evaluate_folders(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike, out
         "labels": [label_or_region_to_key(lab) for lab in labels],
         "ignore_label": ignore_label,
         "skipped_missing_predictions": missing,
+        "unexpected_predicted_labels": unexpected,
         **summarize(rows, labels, class_names),
         "units": UNITS_NOTE,
         "definitions": DEFINITIONS,
