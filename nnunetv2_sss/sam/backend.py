@@ -120,6 +120,20 @@ def _check_image(image: np.ndarray) -> None:
         raise ValueError("a float image must lie in [0, 1]; use uint8 for [0, 255] (to_sam_image returns uint8)")
 
 
+def build_video_predictor(image_model: torch.nn.Module, config_name: str, image_size: int,
+                          device: str | torch.device = "cpu") -> Any:
+    """``sam2.build_sam.build_sam2_video_predictor`` for ``config_name`` at ``image_size``, with the weights of an
+    already loaded image model (same SAM2Base parameters: the checkpoint is not read again). Hole filling is off:
+    it needs sam2's CUDA extension, which a ``SAM2_BUILD_CUDA=0`` install lacks (sam2 would warn and skip it)."""
+    from sam2.build_sam import build_sam2_video_predictor
+
+    video = build_sam2_video_predictor(config_name, None, device="cpu",
+                                       hydra_overrides_extra=[f"++model.image_size={int(image_size)}"])
+    video.load_state_dict(image_model.state_dict(), strict=True)
+    video.fill_hole_area = 0
+    return video.to(torch.device(device)).eval()
+
+
 class SAM2Backend:
     """SAM-2 image model + predictor built from a local checkpoint, on the caller's device.
 
@@ -202,6 +216,13 @@ class SAM2Backend:
                 f"SAM-2 config '{self.config_name}' does not match checkpoint {self.checkpoint_path} "
                 f"(missing/unexpected/mis-shaped weights: {detail} ...).{hint} {_advice()}") from e
         return model.to(self.device).eval()
+
+    def video_predictor(self) -> Any:
+        """SAM-2's video predictor (memory attention across the slices of a volume) with this backend's weights,
+        built on first use; PCSW's component mode propagates key-slice prompts with it (``propagation.py``)."""
+        if getattr(self, "_video_predictor", None) is None:
+            self._video_predictor = build_video_predictor(self.model, self.config_name, self.image_size, self.device)
+        return self._video_predictor
 
     # --- image side -------------------------------------------------------------------------------------------
     to_sam_image = staticmethod(to_sam_image)
