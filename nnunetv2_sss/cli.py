@@ -44,6 +44,42 @@ def cpu_friendly_env(env: dict[str, str]) -> dict[str, str]:
     return env
 
 
+# Errors this package raises for bad input (they carry the advice in their message): shown as one message.
+USER_ERROR_NAMES = frozenset({"UnlabeledDataError", "SAM2CheckpointError", "CheckpointError", "DatasetToolError"})
+TRACEBACK_ENV = "nnUNet_sss_traceback"
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    """One of our input errors, or a ValueError raised by this package's own code (its settings checks)."""
+    if type(exc).__name__ in USER_ERROR_NAMES and type(exc).__module__.startswith("nnunetv2_sss"):
+        return True
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    origin = tb.tb_frame.f_code.co_filename if tb is not None else ""
+    return type(exc) is ValueError and f"{os.sep}nnunetv2_sss{os.sep}" in origin
+
+
+def install_user_error_hook() -> None:
+    """Make a user error that stops a command before training (missing unlabeled folder, bad SAM-2 or resume
+    checkpoint, region-based dataset) end as one clear message instead of the last line of a long traceback.
+    Installed when the trainers are imported, so stock ``nnUNetv2_train`` gets it too; nnU-Net's own errors and
+    everything else keep their traceback, and ``nnUNet_sss_traceback=1`` brings it back for ours."""
+    if getattr(sys.excepthook, "_nnunetv2_sss", False):
+        return
+    previous = sys.excepthook
+
+    def hook(exc_type, exc, tb) -> None:
+        if os.environ.get(TRACEBACK_ENV, "") in ("", "0") and _is_user_error(exc):
+            print(f"\nnnunetv2-sss: {exc_type.__name__}: {exc}\n(set {TRACEBACK_ENV}=1 to see the traceback)",
+                  file=sys.stderr, flush=True)
+            return
+        previous(exc_type, exc, tb)
+
+    hook._nnunetv2_sss = True
+    sys.excepthook = hook
+
+
 def env_entry() -> None:
     """Print the shell line that makes stock nnU-Net commands find the SSS trainers."""
     argparse.ArgumentParser(description="Print 'export nnUNet_extTrainer=...' so that stock nnUNetv2_train and "
@@ -55,6 +91,7 @@ def env_entry() -> None:
 def train_entry() -> None:
     """``nnUNetv2_train`` with ``nnUNet_extTrainer`` set; every argument goes to nnU-Net unchanged."""
     ensure_ext_trainer_env()
+    install_user_error_hook()
     from nnunetv2.run.run_training import run_training_entry
 
     sys.argv[0] = "nnUNetv2_train"

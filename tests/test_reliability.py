@@ -300,3 +300,22 @@ def test_evaluate_warns_about_and_counts_predicted_labels_outside_the_gt_set(tmp
     with pytest.warns(UserWarning, match=r"label 4 in 1 case\(s\), 6 voxels"):
         summary = evaluate_folders(gt_dir, pred_dir, num_processes=1)
     assert summary["unexpected_predicted_labels"] == {"4": {"cases": ["c"], "voxels": 6}}
+
+
+def test_user_error_before_training_is_one_clear_message(planned):
+    """Stock nnUNetv2_train with a missing imagesUnlabeled: our message, not the end of a traceback (issue 10, 6)."""
+    env, dirs, raw = planned
+    unl = raw / "imagesUnlabeled"
+    moved = raw.parent / "unlabeled_away"
+    unl.rename(moved)
+    try:
+        proc = run_cli(env, "nnUNetv2_train", str(DATASET_ID), "2d", "2", "-tr", "nnUNetTrainerSSS_noSAM_smoke",
+                       "-device", "cpu", ok=False)
+        shown = proc.stderr
+        assert proc.returncode == 1 and "nnunetv2-sss: UnlabeledDataError: No unlabeled images" in shown, shown[-3000:]
+        assert "Traceback" not in shown and "nnUNet_sss_traceback=1" in shown
+        again = run_cli({**env, "nnUNet_sss_traceback": "1"}, "nnUNetv2_train", str(DATASET_ID), "2d", "2", "-tr",
+                        "nnUNetTrainerSSS_noSAM_smoke", "-device", "cpu", ok=False)
+        assert "Traceback" in again.stderr and "imagesUnlabeled does not exist" in again.stderr
+    finally:
+        moved.rename(unl)

@@ -16,6 +16,11 @@ from pathlib import Path
 
 import torch
 
+from nnunetv2_sss.cli import install_user_error_hook
+
+# the trainers import this module: stock nnUNetv2_train then reports our input errors as one message
+install_user_error_hook()
+
 SSS_STATE_KEY = "sss_state"
 CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 
