@@ -166,3 +166,38 @@ def test_merge_prefers_the_higher_logit_and_marks_uncovered_slices() -> None:
     merged, covered = merge_component_logits([comp(1, (0, 2)), comp(2, (1, 2))], [a, b], (3, 1, 3))
     assert merged.tolist() == [[[1, 1, 0]], [[1, 2, 0]], [[-1, -1, -1]]]
     assert covered.tolist() == [True, True, False]
+
+
+def test_refresh_in_component_mode_from_the_real_cache(backend: SAM2Backend, volume, tmp_path: Path) -> None:
+    """refresh_pseudolabels in component mode: features come from the real embedding cache, a rejected
+    component's voxels and the slices no kept component spans are ignored, and the map is written atomically."""
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
+    from nnunetv2_sss.sam.cache import build_sam2_cache
+    from nnunetv2_sss.sam.refresh import IGNORE, read_pseudolabel, refresh_pseudolabels
+
+    img, seg = volume
+    seg = seg.copy()
+    seg[4] = 0  # class 1 now spans slices 0-3: slice 4 has no kept component
+    seg[0, 30:32, 50:52] = 2  # a 4-pixel speck of class 2 on slice 0: a tiny share of its window, rejected
+    folder = tmp_path / "nnUNetPlans_2d_unlabeled"
+    folder.mkdir()
+    props = {"class_locations": {c: np.zeros((0, 4), dtype=np.int64) for c in (1, 2)}}
+    chunks = (1, 1, *img.shape[2:])
+    nnUNetDatasetBlosc2.save_case(img, np.zeros((1, *img.shape[1:]), np.int8), props, str(folder / "case"),
+                                  chunks=chunks, blocks=chunks)
+    build_sam2_cache(folder, backend, "nnUNetPlans", "2d", progress=False)
+    probs = np.stack([seg == c for c in range(3)]).astype(np.float32) * 0.9 + 0.1 / 3
+
+    summary = refresh_pseudolabels(backend, folder, ["case"], lambda _i, _d: probs, [1, 2], 3, None,
+                                   PCSWConfig(window=3), disagree_confidence=0.95)
+    lm = read_pseudolabel(folder, "case")
+    assert summary.prompts == 2 and summary.prompted_slices == 4 and summary.slices == 5
+    assert summary.pcsw["accepted"] == {"1": 1, "2": 1} and summary.pcsw["rejected"]["2"] == {"inconsistent": 1}
+    assert (lm[4] == IGNORE).all()  # no kept component spans slice 4
+    assert (lm[0, 30:32, 50:52] == IGNORE).all()  # the rejected speck's voxels: SAM-2 was not asked
+    assert (lm[:4] >= 0).mean() > 0.9 and set(np.unique(lm[:4])) <= {IGNORE, 0, 1, 2}
+
+    slice_mode = refresh_pseudolabels(backend, folder, ["case"], lambda _i, _d: probs, [1, 2], 3, None,
+                                      PCSWConfig(window=3, mode="slice"), disagree_confidence=0.95)
+    assert slice_mode.prompts == 4 + 2  # class 1 on slices 0-3 and class 2 on slices 1-2, each prompted

@@ -330,7 +330,8 @@ def test_refresh_geometry_through_nnunet_preprocessing_and_sam_resize(planned, s
     assert (lm[fg] == gt[fg]).mean() > 0.6  # the nested smaller boxes win: most structure pixels keep their label
 
     summary = refresh_pseudolabels(double, folder, [TWIN], lambda _i, _d: probs, [1, 2, 3], 4, limits,
-                                   overlay_folder=tmp_path / "overlays", title_prefix="test: ")
+                                   PCSWConfig(mode="slice"), overlay_folder=tmp_path / "overlays",
+                                   title_prefix="test: ")
     assert np.array_equal(read_pseudolabel(folder, TWIN), lm)
     assert summary.prompts == len(case.prompts) and 0 < summary.agreement < 1
     written = json.loads((tmp_path / "overlays" / SUMMARY_FILE).read_text())

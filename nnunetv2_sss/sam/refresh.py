@@ -1,16 +1,23 @@
 """SAM-2 pseudo-label refresh: student prediction -> PCSW prompts -> SAM-2 masks -> one label map per unlabeled case.
 
-Every K epochs the trainer predicts each preprocessed unlabeled case with the student (nnU-Net's own sliding-window
-predictor), lets PCSW (``pcsw.py``) prompt only the (slice, class) pairs whose prediction looks physically sound,
-decodes all prompts of a slice in ONE batched SAM-2 call from the cached image features (``cache.py``), and merges
-the per-class masks into a label map that nnU-Net's loader then reads as ``seg_prev`` (warped with the weak view):
+Every K epochs the trainer hands this module a ``predict`` callable (the student through nnU-Net's own
+sliding-window predictor, made in ``training/student_inference.py``) and the unlabeled cases. Per case, PCSW
+(``pcsw.py``) decides what SAM-2 is asked about, by ``PCSWConfig.mode``:
+
+* "component" (SSS): each physically consistent 3D component is prompted once on its largest-area slice and SAM-2's
+  video predictor carries it through the component's slices from the cached features (``propagation.py``);
+* "slice": every accepted (slice, class) is prompted on its own slice, all prompts of a slice decoded in ONE batched
+  SAM-2 call from the cached image features (``cache.py``).
+
+The masks are merged into a label map that nnU-Net's loader then reads as ``seg_prev`` (warped with the weak view):
 
 * overlaps between classes go to the mask with the higher SAM score; pixels of a prompted slice that no mask
   covers are background;
-* where the student predicts a class that PCSW rejected on that slice, SAM said nothing about it: ignore (-1);
+* where the student predicts a class that PCSW rejected on that slice (component mode: voxels of a rejected
+  component), SAM said nothing about it: ignore (-1);
 * where SAM and a *confident* student (max prob >= ``disagree_confidence``) disagree: ignore -- neither is
   trusted there, so the SAM term does not fight a confident prediction;
-* slices without any prompt: ignore.
+* slices without any SAM-2 mask (no prompt; component mode: no kept component spans them): ignore.
 
 Maps are written as nnU-Net writes segmentations (``nnUNetDatasetBlosc2.save_seg``) under a temporary name and
 ``os.replace``d, so a loader never reads half a file. Nothing here imports sam2: the backend passed in does.
@@ -128,23 +135,32 @@ class CaseRefresh:
     masks: dict[int, tuple[np.ndarray, np.ndarray]]  # z -> (SAM masks (N, Y, X), scores (N,)), in prompt order
     intersection: dict[int, int] = field(default_factory=dict)  # per class, on the slices it was prompted on
     total: dict[int, int] = field(default_factory=dict)  # |SAM| + |student| per class, same slices
+    sam_slices: set[int] = field(default_factory=set)  # component mode: slices SAM-2 propagated to
 
     def prompted_slices(self) -> list[int]:
-        return sorted({p.z for p in self.prompts})
+        """Slices SAM-2 gave masks for: the prompted ones, and in component mode those it propagated to."""
+        return sorted({p.z for p in self.prompts} | self.sam_slices)
+
+
+def _check_cache_fits(cache_folder: str | Path, identifier: str, shape: tuple[int, int, int]) -> None:
+    n_z, h, w = shape
+    info = cached_case_info(cache_folder, identifier)
+    if info["num_slices"] != n_z or tuple(info["orig_hw"]) != (h, w):
+        raise ValueError(f"SAM-2 cache of {identifier} holds {info['num_slices']} slices of {info['orig_hw']} but the "
+                         f"case is {n_z} x {(h, w)}: the cache is stale; delete {cache_folder} to rebuild it")
 
 
 def refresh_case(backend: SAM2Backend, cache_folder: str | Path, identifier: str, probs: np.ndarray,
                  foreground_labels: Sequence[int], limits: PlausibilityLimits | None,
                  pcsw_config: PCSWConfig = PCSWConfig(),
                  disagree_confidence: float = 0.9, multimask_output: bool = False) -> CaseRefresh:
-    """SAM-2 pseudo-label of one case from the student's softmax ``probs`` (C, Z, Y, X)."""
+    """SAM-2 pseudo-label of one case from the student's softmax ``probs`` (C, Z, Y, X), slice mode: every
+    accepted (slice, class) prompted and decoded on its own slice (whatever ``pcsw_config.mode`` says;
+    ``refresh_pseudolabels`` picks this or ``refresh_case_propagated`` by the mode)."""
     probs = np.asarray(probs, dtype=np.float32)
     student = probs.argmax(0).astype(np.int16)
     n_z, h, w = student.shape
-    info = cached_case_info(cache_folder, identifier)
-    if info["num_slices"] != n_z or tuple(info["orig_hw"]) != (h, w):
-        raise ValueError(f"SAM-2 cache of {identifier} holds {info['num_slices']} slices of {info['orig_hw']} but the "
-                         f"case is {n_z} x {(h, w)}: the cache is stale; delete {cache_folder} to rebuild it")
+    _check_cache_fits(cache_folder, identifier, student.shape)
     prompts, report = generate_prompts(student, foreground_labels, pcsw_config, limits, probabilities=probs)
     rejected: dict[int, set[int]] = {}
     for d in report.decisions:
@@ -169,6 +185,53 @@ def refresh_case(backend: SAM2Backend, cache_folder: str | Path, identifier: str
             s, t = sam_map[z] == lab, student[z] == lab
             result.intersection[lab] = result.intersection.get(lab, 0) + int((s & t).sum())
             result.total[lab] = result.total.get(lab, 0) + int(s.sum() + t.sum())
+    return result
+
+
+def refresh_case_propagated(backend: SAM2Backend, cache_folder: str | Path, identifier: str, probs: np.ndarray,
+                            foreground_labels: Sequence[int], limits: PlausibilityLimits | None,
+                            pcsw_config: PCSWConfig = PCSWConfig(),
+                            disagree_confidence: float = 0.9) -> CaseRefresh:
+    """SAM-2 pseudo-label of one case, component mode (SSS): each kept 3D component prompted once on its key
+    slice and propagated through its slices by SAM-2's video predictor from the cached features.
+
+    Map rules: slices no kept component spans are ignored (-1); on the others SAM-2's merged masks (higher logit
+    wins an overlap, uncovered pixels background), minus the pixels where a confident student disagrees and the
+    student's voxels of rejected components (SAM-2 was not asked about them)."""
+    from nnunetv2_sss.sam.pcsw import generate_component_prompts
+    from nnunetv2_sss.sam.propagation import merge_component_logits, propagate_components
+
+    probs = np.asarray(probs, dtype=np.float32)
+    student = probs.argmax(0).astype(np.int16)
+    n_z, h, w = student.shape
+    _check_cache_fits(cache_folder, identifier, student.shape)
+    comps, report, kept = generate_component_prompts(student, foreground_labels, pcsw_config, limits,
+                                                     probabilities=probs)
+    label_map = np.full((n_z, h, w), IGNORE, dtype=np.int16)
+    sam_map = np.full((n_z, h, w), IGNORE, dtype=np.int16)
+    result = CaseRefresh(identifier, label_map, sam_map, student, [c.prompt for c in comps], report, {})
+    if not comps:
+        return result
+    logits = propagate_components(backend.video_predictor(), comps, n_z, (h, w),
+                                  lambda z: load_case_features(cache_folder, identifier, z, device=backend.device))
+    merged, covered = merge_component_logits(comps, logits, (n_z, h, w))
+    sam_map[:] = merged
+    unprompted = (student > 0) & (kept != student)
+    for z in np.flatnonzero(covered):
+        z = int(z)
+        label_map[z] = apply_ignore_rules(sam_map[z], probs[:, z], (), disagree_confidence)
+        label_map[z][unprompted[z]] = IGNORE
+        here = [lg[z - c.z_range[0]] for c, lg in zip(comps, logits, strict=True) if c.z_range[0] <= z < c.z_range[1]]
+        result.masks[z] = (np.stack([lg > 0 for lg in here]), np.asarray([lg.max() for lg in here], dtype=np.float32))
+    result.sam_slices = {int(z) for z in np.flatnonzero(covered)}
+    for lab in sorted({c.label for c in comps}):
+        zs = np.zeros(n_z, dtype=bool)
+        for c in comps:
+            if c.label == lab:
+                zs[c.z_range[0]:c.z_range[1]] = True
+        s, t = sam_map[zs] == lab, student[zs] == lab
+        result.intersection[lab] = int((s & t).sum())
+        result.total[lab] = int(s.sum() + t.sum())
     return result
 
 
@@ -383,8 +446,9 @@ def refresh_pseudolabels(backend: SAM2Backend, unlabeled_folder: str | Path, ide
             raise ValueError(f"{identifier}: student probabilities {probs.shape} do not fit the case "
                              f"({num_classes}, *{data.shape[1:]})")
         t1 = time.perf_counter()
-        case = refresh_case(backend, cache, identifier, probs, foreground_labels, limits, pcsw_config,
-                            disagree_confidence)
+        refresh_one = refresh_case_propagated if pcsw_config.mode == "component" else refresh_case
+        case = refresh_one(backend, cache, identifier, probs, foreground_labels, limits, pcsw_config,
+                           disagree_confidence)
         t2 = time.perf_counter()
         write_pseudolabel(folder, identifier, case.label_map, num_classes, maps_folder=maps_folder)
         t3 = time.perf_counter()
