@@ -379,7 +379,8 @@ def test_schedule_rotation_and_checkpoint_state(planned, monkeypatch: pytest.Mon
 
     preprocess_unlabeled(DATASET_ID, "2d", num_processes=1)
     t = _trainer("nnUNetTrainerSSS_5epochs")
-    t.num_epochs, t.sam_warmup_epochs, t.sam_refresh_every, t.sam_rampup_epochs, t.lambda_sam = 10, 3, 2, 4, 0.5
+    t.num_epochs, t.lambda_sam = 10, 0.5
+    t.sam_warmup_fraction, t.sam_refresh_every_fraction, t.sam_rampup_fraction = 0.3, 0.2, 0.4  # 3, 2, 4 epochs
     assert [e for e in range(10) if t.sam_refresh_due(e)] == [2, 4, 6, 8]
     t.current_epoch = 5
     assert t.sam_loss_weight() == 0.0  # no refresh in this run yet: stale maps never count
@@ -459,6 +460,180 @@ def test_written_maps_reach_train_step_as_sam_targets(planned, sam_checkpoint: P
         t.on_train_end()
 
 
+def _printed_refresh_epochs(fold: Path) -> list[int]:
+    """The refresh epochs a run printed at start (its training log)."""
+    import re
+
+    log = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
+    found = re.findall(r"SAM-2 schedule for \d+ epochs: \d+ refresh\(es\), at the end of epoch\(s\) \[([\d, ]*)\]", log)
+    assert len(found) == 1, log[-3000:]
+    return [int(e) for e in found[0].split(",") if e.strip()]
+
+
+def _in_process_env(dirs: dict[str, Path], checkpoint: Path | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = _env(dirs, checkpoint)
+    for k in [k for k in env if k.startswith("nnUNet") or k in (ENV_CHECKPOINT, "OMP_WAIT_POLICY")]:
+        monkeypatch.setenv(k, env[k])
+    if checkpoint is None:
+        monkeypatch.delenv(ENV_CHECKPOINT, raising=False)
+
+
+@pytest.mark.slow
+def test_refreshes_happen_at_the_printed_epochs(planned, sam_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+                                                ) -> None:
+    """A real (in-process) nnU-Net training run of 5 epochs with warm-up and interval of 2 epochs (fractions 0.4):
+    it prints refreshes at the end of epochs [1, 3] and refreshes exactly then (not after the last epoch). The smoke
+    runs below check the same for 2 epochs ([0]); tests/test_sam_schedule.py for every num_epochs up to 1000."""
+    dirs, raw = planned
+    _in_process_env(dirs, sam_checkpoint, monkeypatch)
+    t = _trainer("nnUNetTrainerSSS_smoke", fold=3)
+    t.num_epochs, t.num_iterations_per_epoch, t.num_val_iterations_per_epoch = 5, 1, 1
+    t.sam_warmup_fraction, t.sam_refresh_every_fraction, t.sam_refresh_max_cases = 0.4, 0.4, 1
+    seen: list[int] = []
+    real = t.refresh_sam_pseudolabels
+
+    def recording() -> None:
+        seen.append(t.current_epoch)
+        real()
+
+    t.refresh_sam_pseudolabels = recording
+    t.run_training()
+    fold = Path(t.output_folder)
+    assert _printed_refresh_epochs(fold) == seen == [1, 3]
+    assert sorted(p.name for p in (fold / "sam2_refresh").iterdir()) == ["epoch_0001", "epoch_0003"]
+    sam = torch.load(fold / "checkpoint_final.pth", weights_only=False)["sss_state"]["sam"]
+    assert (sam["refresh_count"], sam["last_refresh_epoch"]) == (2, 3)
+
+
+@pytest.mark.slow
+def test_run_without_possible_refresh_is_refused_before_anything_heavy(planned, monkeypatch: pytest.MonkeyPatch
+                                                                       ) -> None:
+    """num_epochs = 1: no refresh can happen before the last epoch; the run is refused with advice, before the
+    checkpoint is even looked at (none is set here) and before any network, loader or cache exists."""
+    dirs, raw = planned
+    _in_process_env(dirs, None, monkeypatch)
+    t = _trainer("nnUNetTrainerSSS_smoke", fold=4)
+    t.num_epochs = 1
+    with pytest.raises(ValueError, match="no SAM-2 refresh can happen") as err:
+        t.run_training()
+    assert NO_SAM_TRAINER in str(err.value) and "nnUNet_sss_num_epochs" in str(err.value)
+    assert not t.was_initialized and t.dataloader_unlabeled is None and t.sam_backend is None
+
+
+@pytest.mark.slow
+def test_resumed_run_after_its_last_refresh_loads_neither_sam2_nor_cache(planned, monkeypatch: pytest.MonkeyPatch
+                                                                         ) -> None:
+    """Resumed at epoch 2 of 3 with its refreshes [0, 1] done: no SAM-2 checkpoint is needed (none is set), the
+    run trains on its maps (which exist), and no refresh is due."""
+    dirs, raw = planned
+    _in_process_env(dirs, None, monkeypatch)
+    t = _trainer("nnUNetTrainerSSS_smoke", fold=4)
+    t.num_epochs, t.current_epoch, t.sam_last_refresh_epoch = 3, 2, 1  # as load_checkpoint would set them
+    assert list(t.sam_schedule().refresh_epochs) == [0, 1]
+    t.on_train_start()
+    try:
+        assert t.sam_backend is None and not t.sam_active
+        assert not any(t.sam_refresh_due(e) for e in range(3))
+        ids = t.dataloader_unlabeled.data_loader._data.identifiers
+        assert all((t.sam_maps_folder / f"{i}.b2nd").is_file() for i in ids)
+        assert t.sam_loss_weight() == t.lambda_sam  # the maps of the last refresh still train
+    finally:
+        t.on_train_end()
+
+
+@pytest.mark.slow
+def test_cache_stays_valid_through_re_preprocessing(planned, backend: SAM2Backend,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """nnU-Net's preprocessing run again on the unchanged raw images (the unlabeled folder replaced wholesale, new
+    files, new mtimes) gives the same arrays: the cache beside it is kept and nothing is re-encoded."""
+    dirs, raw = planned
+    from nnunetv2_sss.sam.cache import build_sam2_cache, read_cache_key
+    from nnunetv2_sss.unlabeled.preprocess import preprocess_unlabeled
+
+    folder = preprocess_unlabeled(DATASET_ID, "2d", num_processes=1)
+    cache = build_sam2_cache(folder, backend, progress=False)
+    key, files = read_cache_key(cache), {p.name: p.stat().st_mtime_ns for p in cache.glob("*.pt")}
+    raw_file = next((raw / "imagesUnlabeled").iterdir())
+    os.utime(raw_file)  # a touched raw file
+    before = {p.name: p.stat().st_ino for p in folder.iterdir()}
+    preprocess_unlabeled(DATASET_ID, "2d", num_processes=1, force=True)
+    assert {p.name: p.stat().st_ino for p in folder.iterdir()} != before  # really rewritten
+    encoded = []
+    monkeypatch.setattr(backend, "encode", lambda image: encoded.append(1))
+    assert build_sam2_cache(folder, backend, progress=False) == cache
+    assert not encoded and read_cache_key(cache) == key
+    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.pt")} == files
+
+
+def test_soft_consistency_matches_soft_targets_not_their_argmax() -> None:
+    """The mean-teacher loss is zero exactly when the student's softmax equals the SOFT target (at every deep-
+    supervision scale, the target area-averaged there), not when it equals the target's arg-max; weight-0 pixels
+    do not count."""
+    from nnunetv2_sss.training.sam_trainers import soft_consistency_mse
+
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.softmax(torch.randn(2, 4, 8, 8, generator=g), 1)
+    half = torch.nn.functional.avg_pool2d(teacher, 2)
+    weight, ds = torch.ones(2, 8, 8), (0.6, 0.4)
+    assert soft_consistency_mse([teacher.log(), half.log()], teacher, weight, ds).item() == pytest.approx(0, abs=1e-6)
+    hard = torch.nn.functional.one_hot(teacher.argmax(1), 4).movedim(-1, 1).float()
+    hard_half = torch.nn.functional.avg_pool2d(hard, 2)
+    assert soft_consistency_mse([20 * hard, 20 * hard_half], teacher, weight, ds).item() > 0.01
+    student = torch.randn(2, 4, 8, 8, generator=g)
+    only_ignored_differ = torch.where(torch.arange(8)[None, None, :, None] < 4, teacher.log(), student)
+    weight[:, 4:] = 0
+    assert soft_consistency_mse([only_ignored_differ], teacher, weight, (1.0,)).item() == pytest.approx(0, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_semisam_step_is_a_mean_teacher_with_sam_term(planned, sam_checkpoint: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real SemiSAM step: the EMA teacher sees the weak view, the student (one pass with the labeled batch) the
+    perturbed view of the same patches; the mean-teacher term is logged as loss_s1 (no second strong view, no
+    feature perturbation, no DFE); the SAM-2 maps add a term that is 0 on all-ignore maps and positive on labelled
+    ones."""
+    dirs, raw = planned
+    _in_process_env(dirs, sam_checkpoint, monkeypatch)
+    t = _trainer("nnUNetTrainerSemiSAM_smoke", fold=3)
+    t.on_train_start()
+    try:
+        from nnunetv2_sss.training.semi_supervised import unwrap_network
+
+        seen: dict[str, torch.Tensor] = {}
+        steps = []
+        real_sample = t.sample_unlabeled
+
+        def sample():
+            steps.append(real_sample())
+            return steps[-1]
+
+        t.sample_unlabeled = sample
+        t.ema_teacher.model.register_forward_pre_hook(lambda m, a: seen.__setitem__("teacher", a[0].clone()))
+        unwrap_network(t.network).encoder.register_forward_pre_hook(
+            lambda m, a: seen.__setitem__("student", a[0].clone()))
+        t.on_train_epoch_start()
+        batch = next(t.dataloader_train)
+        out = t.train_step(batch)
+        u, n_l = steps[-1], batch["data"].shape[0]
+        assert torch.equal(seen["teacher"], u.x_w)
+        assert torch.equal(seen["student"][:n_l], batch["data"]) and torch.equal(seen["student"][n_l:], u.x_s1)
+        assert not torch.equal(u.x_s1, u.x_w) and u.x_s1.shape == u.x_w.shape  # perturbed, same geometry
+        assert np.isfinite(out["sss_loss_s1"]) and out["sss_loss_s1"] > 0
+        assert all(np.isnan(out[k]) for k in ("sss_loss_s2", "sss_loss_fp", "sss_loss_dfe", "sss_loss_sam"))
+        assert out["sss_confident_fraction"] == pytest.approx(1.0)  # soft targets: every valid pixel counts
+
+        t.sam_last_refresh_epoch, t.current_epoch = 0, 1
+        ignored = t.train_step(next(t.dataloader_train))["sss_loss_sam"]
+        folder, maps = _unlabeled_folder(dirs, raw), t.sam_maps_folder
+        for i in t.dataloader_unlabeled.data_loader._data.identifiers:
+            write_pseudolabel(folder, i, np.ones_like(read_pseudolabel(folder, i, maps)), num_classes=4,
+                              maps_folder=maps)
+        labelled = t.train_step(next(t.dataloader_train))["sss_loss_sam"]
+        assert ignored == 0.0 and np.isfinite(labelled) and labelled > 0
+    finally:
+        t.on_train_end()
+
+
 def _check_stock_checkpoint(fold: Path) -> dict:
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -487,6 +662,7 @@ def _check_maps_and_refresh(dirs: dict[str, Path], raw: Path, fold: Path, checkp
         assert (read_pseudolabel(folder, i, maps) == IGNORE).all()
     refresh = fold / "sam2_refresh"
     assert sorted(p.name for p in refresh.iterdir()) == ["epoch_0000"]  # none after the last epoch
+    assert _printed_refresh_epochs(fold) == [0]  # what the run announced is what it did
     summary = json.loads((refresh / "epoch_0000" / SUMMARY_FILE).read_text())
     assert summary["cases"] == ids[:2] and summary["checkpoint"] == checkpoint.name
     assert summary["overlays"] and all((refresh / "epoch_0000" / f).is_file() for f in summary["overlays"])

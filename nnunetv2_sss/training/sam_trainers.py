@@ -1,11 +1,13 @@
 """Trainers with SAM-2 pseudo-labels: SSS (UniMatch + DFE + SAM-2 via PCSW) and SemiSAM (mean teacher + SAM-2).
 
-Both share ``SAMRefreshMixin``: at the start of training (rank 0) it builds the SAM-2 backend from the local
-checkpoint -- before anything heavy, so a missing checkpoint fails in seconds --, encodes every unlabeled slice
-once (the embedding cache), writes all-ignore maps so nnU-Net's loader finds a map per case from the first
-iteration, and learns PCSW's plausibility limits from the labeled cases. At the end of every K-th epoch after the
-warm-up it refreshes the maps from the student's current prediction (``nnunetv2_sss.sam.refresh``); the base
-trainer's ``train_step`` already trains both strong views against them with ``sam_loss_weight()``.
+Both share ``SAMRefreshMixin``: at the start of training it resolves the refresh schedule (fractions of
+``num_epochs``), prints the refresh epochs and refuses to start when none can happen; then (rank 0) it builds the
+SAM-2 backend from the local checkpoint -- before anything heavy, so a missing checkpoint fails in seconds --,
+encodes every unlabeled slice once (the embedding cache), writes all-ignore maps so nnU-Net's loader finds a map per
+case from the first iteration, and learns PCSW's plausibility limits from the labeled cases. At the end of each
+scheduled epoch it refreshes the maps from the student's current prediction (``nnunetv2_sss.sam.refresh``); the
+base trainer's ``sam_loss`` hook trains against them with ``sam_loss_weight()``. A resumed run with no refresh
+left trains on its last maps and loads neither SAM-2 nor the cache.
 
 SAM-2 never enters the network or the checkpoint's ``network_weights``: stock ``nnUNetv2_predict`` loads these
 checkpoints like any other, and this module imports ``sam2`` only inside the backend when training starts.
@@ -15,14 +17,22 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import distributed as dist
 
+from nnunetv2_sss.consistency.losses import resize_like
 from nnunetv2_sss.sam.pcsw import PCSWConfig, PlausibilityLimits
-from nnunetv2_sss.training.semi_supervised import nnUNetTrainerSSS_noSAM, nnUNetTrainerUniMatch
+from nnunetv2_sss.training.semi_supervised import (
+    UnlabeledStep,
+    as_list,
+    nnUNetTrainerSSS_noSAM,
+    nnUNetTrainerUniMatch,
+)
 from nnunetv2_sss.training.variants import ShortRun
 
 if TYPE_CHECKING:
@@ -42,21 +52,57 @@ def _pcsw_line(counts: dict) -> str:
     return "; ".join(parts) if parts else "no foreground predicted"
 
 
+def _epochs(fraction: float, num_epochs: int, minimum: int) -> int:
+    """round(fraction * num_epochs), halves up (Python's round() would round 2.5 down), at least ``minimum``."""
+    return max(minimum, int(math.floor(fraction * num_epochs + 0.5)))
+
+
+@dataclass(frozen=True)
+class SAMSchedule:
+    """The refresh schedule of one run, in epochs (0-based, as nnU-Net counts them)."""
+
+    num_epochs: int
+    warmup: int  # epochs trained before the first refresh
+    every: int  # epochs between refreshes
+    rampup: int  # epochs over which the SAM weight reaches lambda_sam after the warm-up
+    refresh_epochs: tuple[int, ...]  # a refresh runs at the END of each of these epochs
+
+    @classmethod
+    def from_fractions(cls, num_epochs: int, warmup_fraction: float, every_fraction: float,
+                       rampup_fraction: float) -> SAMSchedule:
+        """Refresh at the end of epoch e for e + 1 = warm-up + j * every (j = 0, 1, ...) and e < num_epochs - 1: a
+        refresh after the last epoch would train nothing."""
+        warmup = _epochs(warmup_fraction, num_epochs, 1)
+        every = _epochs(every_fraction, num_epochs, 1)
+        rampup = _epochs(rampup_fraction, num_epochs, 0)
+        return cls(num_epochs, warmup, every, rampup, tuple(range(warmup - 1, num_epochs - 1, every)))
+
+    def describe(self, lambda_sam: float) -> str:
+        epochs = list(self.refresh_epochs)
+        shown = ", ".join(map(str, epochs)) if len(epochs) <= 40 else \
+            ", ".join(map(str, epochs[:20])) + ", ..., " + ", ".join(map(str, epochs[-5:]))
+        return (f"SAM-2 schedule for {self.num_epochs} epochs: {len(epochs)} refresh(es), at the end of epoch(s) "
+                f"[{shown}] (warm-up {self.warmup} epochs, then every {self.every}); SAM loss weight ramps linearly "
+                f"to {lambda_sam} over {self.rampup} epochs from epoch {self.warmup}")
+
+
 class SAMRefreshMixin:
     """SAM-2 set-up, periodic pseudo-label refresh and its checkpoint state, for nnUNetTrainerUniMatch subclasses.
 
-    Schedule: refresh at the end of epoch e when e + 1 >= ``sam_warmup_epochs`` and (e + 1 - warm-up) is a multiple
-    of ``sam_refresh_every`` (never after the last epoch: nothing would train on it). The SAM loss weight is 0 until
-    this run has refreshed once and before the warm-up ends, then ramps linearly to ``lambda_sam`` over
-    ``sam_rampup_epochs``. Defaults are this project's choices for 1000-epoch nnU-Net runs, not the papers'.
+    Schedule as fractions of ``num_epochs`` (``SAMSchedule``), so it fits any training length: warm-up
+    ``sam_warmup_fraction``, then a refresh every ``sam_refresh_every_fraction``, never after the last epoch. The SAM
+    loss weight is 0 until this run has refreshed once and before the warm-up ends, then ramps linearly to
+    ``lambda_sam`` over ``sam_rampup_fraction``. For 1000 epochs the defaults give a warm-up of 100 epochs, a refresh
+    every 50 and a ramp over 100 (this project's choices, not the papers'). A run whose schedule holds no refresh is
+    refused at start: it would be ``nnUNetTrainerSSS_noSAM`` under another name.
     """
 
     use_sam = True
     lambda_sam: float = 0.5
     sam_image_size: int = 1024
-    sam_warmup_epochs: int = 100
-    sam_refresh_every: int = 50
-    sam_rampup_epochs: int = 100
+    sam_warmup_fraction: float = 0.1
+    sam_refresh_every_fraction: float = 0.05
+    sam_rampup_fraction: float = 0.1
     sam_refresh_max_cases: int | None = None  # None = all unlabeled cases per refresh, else a rotating subset
     sam_disagree_confidence: float = 0.9
     sam_use_mirroring: bool = False  # student TTA during the refresh: 2^axes times slower
@@ -74,6 +120,7 @@ class SAMRefreshMixin:
         self.sam_last_refresh_epoch: int | None = None
         self.sam_refresh_count = 0
         self.sam_agreement = math.nan
+        self.sam_active = True  # False for a resumed run with no refresh left: no backend, no cache
 
     # ------------------------------------------------------------------ set-up
     def _check_sam_settings(self) -> None:
@@ -81,9 +128,42 @@ class SAMRefreshMixin:
             raise ValueError(f"{self.__class__.__name__} needs a label-based dataset: SAM-2 pseudo-labels are one "
                              f"label map per case. Train this dataset with stock nnUNetTrainer, or define it with "
                              f"labels instead of regions.")
-        if self.sam_refresh_every < 1 or self.sam_warmup_epochs < 0 or self.sam_rampup_epochs < 0:
-            raise ValueError(f"sam_refresh_every must be >= 1 and sam_warmup_epochs, sam_rampup_epochs >= 0 (got "
-                             f"{self.sam_refresh_every}, {self.sam_warmup_epochs}, {self.sam_rampup_epochs})")
+        fractions = {"sam_warmup_fraction": self.sam_warmup_fraction,
+                     "sam_refresh_every_fraction": self.sam_refresh_every_fraction,
+                     "sam_rampup_fraction": self.sam_rampup_fraction}
+        bad = {k: v for k, v in fractions.items() if not 0 <= v <= 1}
+        if bad:
+            raise ValueError(f"{self.__class__.__name__}: the SAM-2 schedule is given as fractions of num_epochs in "
+                             f"[0, 1]; got {bad}. Set them in a subclass, e.g. sam_warmup_fraction = 0.1.")
+
+    def sam_schedule(self) -> SAMSchedule:
+        """This run's refresh schedule, from ``num_epochs`` as it is now (budget env vars and variants applied)."""
+        return SAMSchedule.from_fractions(self.num_epochs, self.sam_warmup_fraction, self.sam_refresh_every_fraction,
+                                          self.sam_rampup_fraction)
+
+    def check_sam_schedule(self) -> None:
+        """Print the refresh epochs; refuse a run in which SAM-2 would never be used; switch SAM-2 off (no backend,
+        no cache) for a resumed run whose refreshes are all done."""
+        schedule = self.sam_schedule()
+        self.print_to_log_file(schedule.describe(self.lambda_sam), also_print_to_console=True)
+        if not schedule.refresh_epochs:
+            raise ValueError(
+                f"{self.__class__.__name__}: with num_epochs = {self.num_epochs} no SAM-2 refresh can happen (warm-up "
+                f"{schedule.warmup} epochs from sam_warmup_fraction = {self.sam_warmup_fraction}, and none after the "
+                f"last epoch), so SAM-2 would never be used and the run would be nnUNetTrainerSSS_noSAM under another "
+                f"name. Train more epochs (nnUNet_sss_num_epochs), lower sam_warmup_fraction in a subclass, or use "
+                f"nnUNetTrainerSSS_noSAM.")
+        remaining = [e for e in schedule.refresh_epochs if e >= self.current_epoch]
+        if not remaining and self.sam_last_refresh_epoch is None:
+            raise ValueError(
+                f"{self.__class__.__name__}: resuming at epoch {self.current_epoch}, after every scheduled SAM-2 "
+                f"refresh {list(schedule.refresh_epochs)}, but this run has no refresh in its checkpoint: SAM-2 "
+                f"would never be used. Start a new run, or continue it with nnUNetTrainerSSS_noSAM.")
+        self.sam_active = bool(remaining)
+        if not remaining:
+            self.print_to_log_file(f"SAM-2: every scheduled refresh is done (last at epoch "
+                                   f"{self.sam_last_refresh_epoch}); training on its maps, SAM-2 and its cache are "
+                                   f"not loaded", also_print_to_console=True)
 
     def build_sam_backend(self) -> SAM2Backend:
         """The SAM-2 model from ``nnUNet_sss_sam2_checkpoint`` on the trainer's device (raises SAM2CheckpointError)."""
@@ -98,7 +178,8 @@ class SAMRefreshMixin:
 
     def on_train_start(self) -> None:
         self._check_sam_settings()
-        if self.local_rank == 0:
+        self.check_sam_schedule()  # before anything heavy: a run without refreshes is refused, not run
+        if self.local_rank == 0 and self.sam_active:
             self.sam_backend = self.build_sam_backend()  # first: a bad checkpoint fails before any heavy work
         super().on_train_start()
 
@@ -107,7 +188,12 @@ class SAMRefreshMixin:
         maps for every case and the PCSW limits (rank 0; the others wait)."""
         super().prepare_unlabeled_data()
         if self.local_rank == 0:
-            self.prepare_sam()
+            if self.sam_active:
+                self.prepare_sam()
+            else:  # resumed after the last refresh: the run's maps must exist, nothing else is needed
+                from nnunetv2_sss.sam.refresh import init_empty_pseudolabels
+
+                init_empty_pseudolabels(self.unlabeled_folder, overwrite=False, maps_folder=self.sam_maps_folder)
         if self.is_ddp:
             dist.barrier()
 
@@ -118,10 +204,8 @@ class SAMRefreshMixin:
 
         folder = self.unlabeled_folder
         t0 = time.perf_counter()
-        build_sam2_cache(folder, self.sam_backend, self.plans_manager.plans_name, self.configuration_name,
-                         data_identifier=self.configuration_manager.data_identifier,
-                         batch_size=self.sam_cache_batch_size, progress=True)
-        self.print_to_log_file(f"SAM-2 embedding cache ready in {time.perf_counter() - t0:.1f} s")
+        cache = build_sam2_cache(folder, self.sam_backend, batch_size=self.sam_cache_batch_size, progress=True)
+        self.print_to_log_file(f"SAM-2 embedding cache {cache} ready in {time.perf_counter() - t0:.1f} s")
         # a fresh run starts from all-ignore maps; a resumed one keeps the maps of its last refresh
         written = init_empty_pseudolabels(folder, overwrite=self.sam_last_refresh_epoch is None,
                                           maps_folder=self.sam_maps_folder)
@@ -137,16 +221,16 @@ class SAMRefreshMixin:
 
     # ------------------------------------------------------------------ schedule
     def sam_refresh_due(self, epoch: int) -> bool:
-        """Refresh at the end of ``epoch``?"""
-        done = epoch + 1 - self.sam_warmup_epochs
-        return done >= 0 and done % self.sam_refresh_every == 0 and epoch < self.num_epochs - 1
+        """Refresh at the end of ``epoch``? Exactly the epochs ``check_sam_schedule`` printed."""
+        return self.sam_active and epoch in self.sam_schedule().refresh_epochs
 
     def sam_loss_weight(self) -> float:
-        if self.sam_last_refresh_epoch is None or self.current_epoch < self.sam_warmup_epochs:
+        schedule = self.sam_schedule()
+        if self.sam_last_refresh_epoch is None or self.current_epoch < schedule.warmup:
             return 0.0
-        if self.sam_rampup_epochs <= 0:
+        if schedule.rampup <= 0:
             return float(self.lambda_sam)
-        ramp = (self.current_epoch - self.sam_warmup_epochs + 1) / self.sam_rampup_epochs
+        ramp = (self.current_epoch - schedule.warmup + 1) / schedule.rampup
         return float(self.lambda_sam) * min(1.0, ramp)
 
     def sam_agreement_this_epoch(self) -> float:
@@ -178,6 +262,7 @@ class SAMRefreshMixin:
         epoch = self.current_epoch
         agreement = math.nan
         if self.local_rank == 0:
+            self.ensure_sam_cache()
             with student_predict_fn(self, self.sam_use_mirroring) as predict:
                 summary = refresh_pseudolabels(
                     self.sam_backend, self.unlabeled_folder, self.sam_refresh_cases(), predict,
@@ -198,6 +283,17 @@ class SAMRefreshMixin:
         self.sam_agreement = agreement
         self.sam_last_refresh_epoch = epoch
         self.sam_refresh_count += 1
+
+    def ensure_sam_cache(self) -> None:
+        """Before a refresh: if another run on this data replaced the shared cache with features of a different
+        SAM-2 model or size, rebuild it for ours (under the cache lock) instead of decoding foreign features."""
+        from nnunetv2_sss.sam.cache import build_sam2_cache, make_cache_key, read_cache_key
+        from nnunetv2_sss.unlabeled.layout import sam2_cache_folder
+
+        if read_cache_key(sam2_cache_folder(self.unlabeled_folder)) != make_cache_key(self.sam_backend):
+            self.print_to_log_file("SAM-2 cache was replaced by a run with another SAM-2 model or size: rebuilding it",
+                                   also_print_to_console=True)
+            build_sam2_cache(self.unlabeled_folder, self.sam_backend, batch_size=self.sam_cache_batch_size)
 
     def on_train_end(self) -> None:
         super().on_train_end()
@@ -232,16 +328,78 @@ class nnUNetTrainerSSS(SAMRefreshMixin, nnUNetTrainerSSS_noSAM):
     """SSS (Zhu et al. 2025): weak-to-strong consistency + DFE + SAM-2 pseudo-labels prompted by PCSW."""
 
 
+def soft_consistency_mse(outputs: list[torch.Tensor], target_probs: torch.Tensor, weight: torch.Tensor,
+                         ds_weights: list[float] | tuple[float, ...]) -> torch.Tensor:
+    """Mean-teacher consistency: mean over classes of (softmax(output) - target)^2, averaged over the pixels where
+    ``weight`` (B, *spatial) is 1, at every deep-supervision output with nnU-Net's weights.
+
+    ``target_probs`` (B, C, *spatial) is a soft (teacher) or one-hot (SAM-2) target at full resolution; it is
+    area-averaged to each lower output (a probability map, so averaging is the right downsampling), ``weight`` is
+    nearest-resized like nnU-Net's segmentation targets."""
+    total = outputs[0].new_zeros((), dtype=torch.float32)
+    for w, out in zip(ds_weights, outputs):
+        if w == 0:
+            continue
+        size = tuple(out.shape[2:])
+        target = target_probs if tuple(target_probs.shape[2:]) == size else F.interpolate(
+            target_probs.float(), size=size, mode="area")
+        m = resize_like(weight, size).float()
+        sq = ((torch.softmax(out.float(), 1) - target.float()) ** 2).mean(1)
+        total = total + w * (sq * m).sum() / m.sum().clamp(min=1.0)
+    return total
+
+
 class nnUNetTrainerSemiSAM(SAMRefreshMixin, nnUNetTrainerUniMatch):
-    """SemiSAM (Zhang et al. 2023) in nnU-Net: a mean-teacher student whose SAM-2 masks, prompted from the
-    student's own prediction, are extra targets. EMA-teacher pseudo-labels on every pixel, no DFE, no feature
-    perturbation, no CutMix."""
+    """SemiSAM (Zhang et al. 2023) in nnU-Net: a mean teacher plus SAM-2 masks as an extra consistency target.
+
+    Per iteration: nnU-Net's supervised loss on the labeled batch; the EMA teacher's SOFT prediction (softmax) of
+    the weak view of each unlabeled patch is the target of the student's prediction of a perturbed view of the same
+    patch (strong intensity view, same geometry), by MSE over all valid pixels, weighted ``lambda_s1`` (0.1) times a
+    sigmoid ramp-up over ``unsup_rampup_fraction`` of the run (1.0: the whole run, as SSL4MIS/UA-MT's mean teacher
+    with consistency 0.1 and a ramp over its 30 000 / 6 000 iterations); plus, once SAM-2 has refreshed, the same
+    student prediction against SAM-2's mask (one-hot, MSE, on the pixels the map labels) with ``sam_loss_weight()``.
+    SAM-2's prompts come from the student's prediction only (the refresh runs ``self.network``), never from the
+    teacher or ground truth. No confidence threshold, no CutMix, no feature perturbation, no DFE: those are SSS's
+    and UniMatch's. The step's logs: ``loss_s1`` is the mean-teacher term, ``loss_sam`` the SAM-2 term.
+    """
 
     use_ema_teacher = True
     use_dfe = False
+    lambda_s1 = 0.1  # the mean-teacher consistency weight
+    lambda_s2 = 0.0
     lambda_fp = 0.0
     cutmix_p = 0.0
     confidence_threshold = 0.0
+    unsup_rampup_fraction = 1.0
+
+    def forward_labeled_and_weak(self, data: torch.Tensor, u: UnlabeledStep) -> list[torch.Tensor]:
+        """One student pass over the labeled batch and the PERTURBED (strong 1) unlabeled view; the weak view goes
+        to the teacher only."""
+        n_l = data.shape[0]
+        outs = as_list(self.decoder_fn(self.encoder_fn(torch.cat((data, u.x_s1)))))
+        u.out_s1 = [o[n_l:] for o in outs]
+        return [o[:n_l] for o in outs]
+
+    def make_pseudo_labels(self, u: UnlabeledStep) -> None:
+        """The EMA teacher's logits of the weak view (kept soft in ``u.logits_w``); arg-max and confidence only
+        for the logged per-class fractions (threshold 0: every valid pixel counts)."""
+        with torch.no_grad():
+            u.logits_w = as_list(self.ema_teacher.model(u.x_w))[0].float()
+            u.conf, u.labels = torch.softmax(u.logits_w, 1).max(1)
+        u.mask = (u.conf >= self.confidence_threshold).float() * u.valid
+
+    def strong_view_losses(self, u: UnlabeledStep) -> dict[str, torch.Tensor]:
+        """Mean-teacher consistency: the student's perturbed-view prediction against the teacher's soft one."""
+        teacher = torch.softmax(u.logits_w, 1)
+        return {"s1": soft_consistency_mse(u.out_s1, teacher, u.valid, self._ds_weights(len(u.out_s1)))}
+
+    def sam_loss(self, u: UnlabeledStep) -> torch.Tensor | None:
+        """The same student prediction against SAM-2's map (warped with the view), on the pixels it labels."""
+        if u.sam_map is None:
+            return None
+        labelled = (u.sam_map >= 0) & (u.valid > 0)
+        onehot = F.one_hot(u.sam_map.clamp(min=0), u.out_s1[0].shape[1]).movedim(-1, 1).float()
+        return soft_consistency_mse(u.out_s1, onehot, labelled.float(), self._ds_weights(len(u.out_s1)))
 
 
 # ---------------------------------------------------------------------- short variants
@@ -250,19 +408,19 @@ class _SAMSmoke(ShortRun):
 
     short_epochs, short_iterations, short_val_iterations = 2, 3, 2
     sam_image_size = 256
-    sam_warmup_epochs = 0
-    sam_refresh_every = 1
-    sam_rampup_epochs = 0
+    sam_warmup_fraction = 0.0  # warm-up of 1 epoch (the minimum): refresh at the end of epoch 0
+    sam_refresh_every_fraction = 0.0  # every epoch
+    sam_rampup_fraction = 0.0
     sam_refresh_max_cases = 2
 
 
 class _SAM5Epochs(ShortRun):
-    """5 epochs; SAM-2 maps from the end of epoch 1 on, full weight from epoch 3."""
+    """5 epochs; SAM-2 maps from the end of epoch 1 on (refreshes after epochs 1, 2, 3), full weight from epoch 3."""
 
     short_epochs = 5
-    sam_warmup_epochs = 2
-    sam_refresh_every = 1
-    sam_rampup_epochs = 2
+    sam_warmup_fraction = 0.4
+    sam_refresh_every_fraction = 0.0
+    sam_rampup_fraction = 0.4
 
 
 class nnUNetTrainerSSS_smoke(_SAMSmoke, nnUNetTrainerSSS):
