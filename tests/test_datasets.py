@@ -273,7 +273,7 @@ def _fake_acdc(root: Path, slices: dict[str, list[int]], val: list[str], shape: 
 def test_acdc_small_list_and_exact_restacking(tmp_path: Path, nnunet_dirs: dict[str, Path]) -> None:
     src = _fake_acdc(tmp_path / "acdc", {"patient001_frame01": [2, 1, 3], "patient001_frame02": [1, 2],
                                          "patient002_frame01": [1, 2, 3, 4]}, ["patient007_frame01"])
-    out = convert_acdc(src, 101, labeled="2")
+    out = convert_acdc(src, 101, labeled="patient002")
     assert out.name == "Dataset101_ACDC_1labeled"
     assert _ids(out / "imagesTr") == ["patient002_frame01"]
     assert _ids(out / "imagesUnlabeled") == ["patient001_frame01", "patient001_frame02"]
@@ -306,7 +306,7 @@ def test_acdc_noncontiguous_slices_error(tmp_path: Path, nnunet_dirs: dict[str, 
     src = _fake_acdc(tmp_path / "acdc", {"patient001_frame01": [1, 2], "patient002_frame01": [1, 2, 4, 5]},
                      ["patient007_frame01"])
     with pytest.raises(DatasetToolError, match=r"patient002_frame01: slices are not contiguous.*missing 3"):
-        convert_acdc(src, 103, labeled="2")
+        convert_acdc(src, 103, labeled="patient002")
     assert list(nnunet_dirs["nnUNet_raw"].iterdir()) == []  # nothing half-written
 
 

@@ -73,7 +73,7 @@ def synthetic_case(rng: np.random.Generator, shape: tuple[int, int, int]) -> tup
             outer = rc + wall * (0.8 + 0.4 * t)
             ring = (d > rc) & (d <= outer)
             rv = np.zeros_like(ring)
-            rv_scale = 1.0 - 0.8 * t  # the RV ends before the apex
+            rv_scale = 1.0 - 0.9 * t  # the RV ends before the apex
             if rv_scale > 0.15:
                 off = outer + rv_ry * rv_scale * 0.5
                 ry, rx = ccy + off * np.sin(rv_angle), ccx + off * np.cos(rv_angle)

@@ -308,9 +308,12 @@ def preprocess_unlabeled(dataset: str | int, configuration: str, plans_identifie
                 return out
             print(f"{out} is incomplete ({len(missing)} file(s) missing or changed, e.g. {missing[0]}): "
                   f"preprocessing the unlabeled cases again.", file=sys.stderr, flush=True)
-        for fs in tqdm(list(cases.values()), desc="Verifying unlabeled images"):
+        for case, fs in tqdm(list(cases.items()), desc="Verifying unlabeled images"):
             for f in fs:
-                verify_image_file(f)
+                try:
+                    verify_image_file(f)
+                except UnlabeledDataError as e:
+                    raise UnlabeledDataError(f"Could not preprocess unlabeled case '{case}': {e}") from None
         return _preprocess_all(out, cases, stamp, pre, plans_manager, cm, dataset_json, dataset_name, configuration,
                                num_processes)
 
