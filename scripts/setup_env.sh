@@ -18,3 +18,5 @@ if ! python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('s
   SAM2_BUILD_CUDA=0 pip install --no-build-isolation sam2==1.1.0
 fi
 echo "environment ready: $(pwd)/.venv"
+echo "the nnUNetv2_* and nnUNetv2_sss_* commands live in .venv/bin: activate it in your shell first with"
+echo "    . $(pwd)/.venv/bin/activate"
