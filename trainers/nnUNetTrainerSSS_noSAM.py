@@ -10,6 +10,12 @@ from nnunetv2_sss.training.variants import (
     nnUNetTrainer_budget,
     nnUNetTrainerSSS_noSAM_5epochs,
     nnUNetTrainerSSS_noSAM_demo,
+    nnUNetTrainerSSS_noSAM_dfe2,
     nnUNetTrainerSSS_noSAM_smoke,
     nnUNetTrainerUniMatch_5epochs,
+    nnUNetTrainerUniMatch_cutmix1,
+    nnUNetTrainerUniMatch_mixdraw,
+    nnUNetTrainerUniMatch_rampup,
+    nnUNetTrainerUniMatch_ratio025,
+    nnUNetTrainerUniMatch_thr090,
 )

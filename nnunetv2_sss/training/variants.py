@@ -51,3 +51,36 @@ class nnUNetTrainerSSS_noSAM_demo(ShortRun, nnUNetTrainerSSS_noSAM):
     """The README demo: long enough on a CPU to learn the small synthetic dataset, short enough to wait for."""
 
     short_epochs, short_iterations, short_val_iterations = 8, 25, 5
+
+
+# Ablation rows of scripts/benchmark_hippocampus.py: one change each against the default.
+class nnUNetTrainerUniMatch_ratio025(nnUNetTrainerUniMatch):
+    """Unlabeled batch a quarter of the labeled batch (the earlier default)."""
+
+    unlabeled_batch_ratio = 0.25
+
+
+class nnUNetTrainerUniMatch_mixdraw(nnUNetTrainerUniMatch):
+    """CutMix partners from a separate loader draw (UniMatch's reference code) instead of the batch itself."""
+
+    mix_partners = "draw"
+
+
+class nnUNetTrainerUniMatch_cutmix1(nnUNetTrainerUniMatch):
+    cutmix_p = 1.0
+
+
+class nnUNetTrainerUniMatch_rampup(nnUNetTrainerUniMatch):
+    """Unsupervised weights ramped up (sigmoid) over the first fifth of training."""
+
+    unsup_rampup_fraction = 0.2
+
+
+class nnUNetTrainerUniMatch_thr090(nnUNetTrainerUniMatch):
+    confidence_threshold = 0.9
+
+
+class nnUNetTrainerSSS_noSAM_dfe2(nnUNetTrainerSSS_noSAM):
+    """DFE on the two deepest encoder scales only."""
+
+    dfe_num_scales = 2

@@ -1,0 +1,233 @@
+"""What the benchmark scripts share: resumable steps, nnU-Net commands, seeded training runs, prediction of a
+test set with the final checkpoint (or a snapshot), evaluation, nnU-Net self-training, mean +- std tables.
+
+Every run gets its own ``nnUNet_results`` per seed (nnU-Net's output folder has no seed in its name), its seed in
+``nnUNet_sss_seed``, its budget in ``nnUNet_sss_num_epochs`` / ``nnUNet_sss_iterations_per_epoch`` and learning-curve
+snapshots from ``nnUNet_sss_snapshot_every``. A finished step leaves a marker and is skipped on a rerun; an
+interrupted training run resumes with ``--c``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def bin_cmd(name: str) -> str:
+    exe = Path(sys.executable).parent / name
+    return str(exe) if exe.exists() else name
+
+
+def run(cmd: list[str], env: dict, log: Path) -> None:
+    print(f"$ {' '.join(cmd)}  (log: {log})", flush=True)
+    with open(log, "a") as f:
+        proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}; see {log}")
+
+
+def todo(marker: Path, what: str) -> bool:
+    """True when the step still has to run (its marker is missing); prints progress either way."""
+    if marker.exists():
+        print(f"[skip] {what} (done earlier)", flush=True)
+        return False
+    print(f"[....] {what}", flush=True)
+    return True
+
+
+def machine_line(device: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device {device}"
+
+
+def base_env(work: Path, num_processes: int) -> dict[str, str]:
+    """nnU-Net folders under ``work`` and CPU-friendly defaults; also exported to this process."""
+    from nnunetv2_sss.cli import cpu_friendly_env, ensure_ext_trainer_env
+
+    env = cpu_friendly_env(dict(os.environ))
+    env.update(nnUNet_raw=str(work / "nnUNet_raw"), nnUNet_preprocessed=str(work / "nnUNet_preprocessed"),
+               nnUNet_results=str(work / "results" / "default"), nnUNet_def_n_proc=str(num_processes))
+    env.setdefault("nnUNet_n_proc_DA", "2")
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        Path(env[k]).mkdir(parents=True, exist_ok=True)
+    os.environ.update(env)
+    env["nnUNet_extTrainer"] = ensure_ext_trainer_env()
+    return env
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run: ``label`` names the arm (e.g. 'sup3'), ``seed`` the repeat."""
+
+    label: str
+    dataset: int
+    trainer: str
+    seed: int
+    iterations: int
+    configuration: str
+    iters_per_epoch: int = 50
+
+    @property
+    def name(self) -> str:
+        return f"{self.label}_s{self.seed}"
+
+    def results_root(self, work: Path) -> Path:
+        return work / "results" / f"seed{self.seed}_it{self.iterations}"
+
+    def fold_dir(self, work: Path) -> Path:
+        root = self.results_root(work)
+        ds = next(root.glob(f"Dataset{self.dataset:03d}_*"), root / f"Dataset{self.dataset:03d}_missing")
+        return ds / f"{self.trainer}__nnUNetPlans__{self.configuration}" / "fold_all"
+
+    def env(self, base: dict[str, str], work: Path, snapshot_every: int = 0) -> dict[str, str]:
+        env = dict(base)
+        env.update(nnUNet_results=str(self.results_root(work)), nnUNet_sss_seed=str(self.seed),
+                   nnUNet_sss_num_epochs=str(self.iterations // self.iters_per_epoch),
+                   nnUNet_sss_iterations_per_epoch=str(self.iters_per_epoch),
+                   nnUNet_sss_val_iterations_per_epoch="2", nnUNet_sss_snapshot_every=str(snapshot_every))
+        Path(env["nnUNet_results"]).mkdir(parents=True, exist_ok=True)
+        return env
+
+
+def train(r: Run, base: dict[str, str], work: Path, device: str, snapshot_every: int = 0) -> None:
+    fold = r.fold_dir(work)
+    if (fold / "checkpoint_final.pth").exists():
+        print(f"[skip] train {r.name} (done earlier)", flush=True)
+        return
+    print(f"[....] train {r.name}: {r.trainer} on Dataset{r.dataset:03d}, {r.iterations} iterations, seed {r.seed}",
+          flush=True)
+    cmd = [bin_cmd("nnUNetv2_train"), str(r.dataset), r.configuration, "all", "-tr", r.trainer, "-device", device]
+    if (fold / "checkpoint_latest.pth").exists():
+        cmd.append("--c")
+    run(cmd, r.env(base, work, snapshot_every), work / "logs" / f"train_{r.name}_it{r.iterations}.log")
+
+
+def predict(r: Run, base: dict[str, str], work: Path, images: Path, out: Path, device: str,
+            checkpoint: str = "checkpoint_final.pth") -> Path:
+    """nnUNetv2_predict of ``images`` with one checkpoint of the run (no TTA), resumable."""
+    if todo(out / ".done", f"predict {r.name} {checkpoint} -> {out.name}"):
+        shutil.rmtree(out, ignore_errors=True)
+        run([bin_cmd("nnUNetv2_predict"), "-i", str(images), "-o", str(out), "-d", str(r.dataset), "-c",
+             r.configuration, "-f", "all", "-tr", r.trainer, "-chk", checkpoint, "--disable_tta", "-npp", "1",
+             "-nps", "1", "-device", device], r.env(base, work), work / "logs" / f"predict_{r.name}.log")
+        (out / ".done").touch()
+    return out
+
+
+def snapshots(r: Run, work: Path) -> list[tuple[int, str]]:
+    """(iterations trained, checkpoint file name) of the run's snapshots and its final checkpoint."""
+    fold = r.fold_dir(work)
+    out = [(int(p.stem.removeprefix("checkpoint_epoch")) * r.iters_per_epoch, p.name)
+           for p in sorted(fold.glob("checkpoint_epoch*.pth"))]
+    return out + [(r.iterations, "checkpoint_final.pth")]
+
+
+def training_seconds(checkpoint: Path) -> float:
+    """Seconds of training up to a checkpoint, from nnU-Net's own epoch timestamps stored in it."""
+    ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    log = ck["logging"]
+    n = min(len(log["epoch_start_timestamps"]), len(log["epoch_end_timestamps"]))
+    return float(sum(e - s for s, e in zip(log["epoch_start_timestamps"][:n], log["epoch_end_timestamps"][:n])))
+
+
+def evaluate(gt: Path, pred: Path, dataset_json: Path, out: Path) -> dict:
+    from nnunetv2_sss.evaluation.metrics import evaluate_folders
+
+    summary_file = out / "summary.json"
+    if summary_file.exists() and summary_file.stat().st_mtime >= (pred / ".done").stat().st_mtime:
+        return json.loads(summary_file.read_text())
+    return evaluate_folders(gt, pred, out_dir=out, dataset_json=dataset_json)
+
+
+def link_case(src: Path, dst: Path) -> None:
+    if not dst.exists():
+        os.symlink(src.resolve(), dst)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def build_self_training_dataset(teacher: Run, base: dict[str, str], work: Path, source_raw: Path, new_id: int,
+                                name: str, device: str) -> None:
+    """nnU-Net self-training (nnU-Net#2338), stock commands only: the supervised teacher predicts the unlabeled
+    images; a new raw dataset holds the labeled cases plus the pseudo-labeled ones as ordinary training cases."""
+    from nnunetv2_sss.datasets.label_budget import staged_raw_dataset, write_json
+
+    marker = work / f".selftrain_{new_id}"
+    if not todo(marker, f"self-training dataset {new_id} from {teacher.name}"):
+        return
+    pseudo = predict(teacher, base, work, source_raw / "imagesUnlabeled", work / "predictions" /
+                     f"unlabeled_{teacher.name}", device)
+    ds = json.loads((source_raw / "dataset.json").read_text())
+    ending = ds["file_ending"]
+    with staged_raw_dataset(new_id, name, overwrite=True) as tmp:
+        for sub in ("imagesTr", "labelsTr"):
+            (tmp / sub).mkdir()
+        for img in sorted((source_raw / "imagesTr").glob(f"*{ending}")):
+            link_case(img, tmp / "imagesTr" / img.name)
+        for lab in sorted((source_raw / "labelsTr").glob(f"*{ending}")):
+            link_case(lab, tmp / "labelsTr" / lab.name)
+        n_pseudo = 0
+        for img in sorted((source_raw / "imagesUnlabeled").glob(f"*{ending}")):
+            case = img.name[: -len(ending)].rsplit("_", 1)[0]
+            link_case(img, tmp / "imagesTr" / img.name)
+            shutil.copy(pseudo / f"{case}{ending}", tmp / "labelsTr" / f"{case}{ending}")
+            n_pseudo += 1
+        ds["numTraining"] = len(list((tmp / "labelsTr").glob(f"*{ending}")))
+        ds["description"] = f"self-training: labeled cases + {n_pseudo} cases pseudo-labeled by {teacher.name}"
+        write_json(ds, tmp / "dataset.json")
+    marker.touch()
+
+
+def prepare_copied_plans(source_id: int, target_id: int, configuration: str, base: dict[str, str], work: Path,
+                         np_workers: int, marker_name: str) -> None:
+    """Give dataset ``target_id`` the plans of ``source_id`` (same network, batch, patch) and preprocess it."""
+    marker = work / marker_name
+    if not todo(marker, f"plans of Dataset{source_id:03d} -> Dataset{target_id:03d}, preprocess {configuration}"):
+        return
+    log = work / "logs" / "plan.log"
+    run([bin_cmd("nnUNetv2_extract_fingerprint"), "-d", str(target_id), "-np", str(np_workers)], base, log)
+    run([bin_cmd("nnUNetv2_move_plans_between_datasets"), "-s", str(source_id), "-t", str(target_id),
+         "-sp", "nnUNetPlans", "-tp", "nnUNetPlans"], base, log)
+    raw = next(Path(base["nnUNet_raw"]).glob(f"Dataset{target_id:03d}_*"))
+    shutil.copy(raw / "dataset.json", Path(base["nnUNet_preprocessed"]) / raw.name / "dataset.json")
+    run([bin_cmd("nnUNetv2_preprocess"), "-d", str(target_id), "-c", configuration, "-np", str(np_workers)], base,
+        log)
+    marker.touch()
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    a = np.asarray(values, dtype=float)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def fmt(values: list[float], digits: int = 3) -> str:
+    m, s = mean_std(values)
+    return f"{m:.{digits}f} ± {s:.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
+
+
+def wait_time() -> float:
+    return time.time()

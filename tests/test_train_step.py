@@ -1,0 +1,140 @@
+"""The semi-supervised ``train_step`` on the real trainer, network and DFE (synthetic data, CPU).
+
+1. Each unsupervised term (strong views, feature perturbation, DFE) moves the network's gradients (and, for DFE,
+   DFE's own); with its weight at zero it has no effect, and with every unsupervised weight at zero the gradient
+   is exactly stock nnU-Net's supervised gradient (nnU-Net's loss on the labeled batch, unscaled).
+2. ``nnUNet_sss_seed`` makes two short ``nnUNetv2_train`` runs identical (data augmentation in-process,
+   ``nnUNet_n_proc_DA=0``); another seed gives another run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import run_cli
+
+DATASET_ID = 985
+TRAINER = "nnUNetTrainerSSS_noSAM"
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory: pytest.TempPathFactory):
+    from nnunetv2_sss.cli import ensure_ext_trainer_env
+
+    root = tmp_path_factory.mktemp("step")
+    dirs = {k: root / k for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    for v in dirs.values():
+        v.mkdir()
+    keys = (*dirs, "nnUNet_extTrainer", "nnUNet_n_proc_DA")
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ.update({k: str(v) for k, v in dirs.items()})
+    os.environ.update(nnUNet_extTrainer=ensure_ext_trainer_env(), nnUNet_n_proc_DA="0")
+    from nnunetv2_sss.datasets.synthetic import make_synthetic_dataset
+
+    make_synthetic_dataset(dataset_id=DATASET_ID, n_labeled=4, n_unlabeled=3, n_test=0, shape=(2, 32, 32),
+                           overwrite=True)
+    run_cli({**os.environ}, "nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "1")
+    run_cli({**os.environ}, "nnUNetv2_sss_preprocess_unlabeled", "-d", str(DATASET_ID), "-c", "2d", "-np", "1")
+    yield root
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _trainer():
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    t = get_trainer_from_args(str(DATASET_ID), "2d", 0, TRAINER, device=torch.device("cpu"))
+    t.configuration_manager.configuration["batch_size"] = 2
+    t.initialize()
+    t.confidence_threshold = 0.0  # an untrained network is never confident: make every pixel a pseudo-label
+    return t
+
+
+def _batches(t, n: int = 2) -> tuple[dict, dict]:
+    g = torch.Generator().manual_seed(0)
+    ps = tuple(t.configuration_manager.patch_size)
+    data = torch.randn((n, 1, *ps), generator=g)
+    with torch.no_grad():
+        outs = t.network(data)
+    labels = torch.randint(0, 4, (n, 1, *ps), generator=g).float()
+    target = [torch.nn.functional.interpolate(labels, size=o.shape[2:], mode="nearest-exact") for o in outs]
+    unlabeled = {"data": torch.randn((n, 3, *ps), generator=g), "target": torch.zeros((n, 1, *ps))}
+    return {"data": data, "target": target}, unlabeled
+
+
+def _grads(t, batch: dict, unlabeled: dict, weights: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Gradients of one train_step with the given unsupervised weights; the optimizer does not step, so every call
+    starts from the same weights. The step's randomness (partners, CutMix boxes, channel dropout) is reseeded."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def backward_only(loss: torch.Tensor) -> None:
+        loss.backward()
+        named = [*(("net." + k, p) for k, p in t.network.named_parameters()),
+                 *(("dfe." + k, p) for k, p in t.dfe.named_parameters())]
+        captured.update({k: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+                         for k, p in named})
+
+    t.optimizer_step = backward_only
+    t.unsupervised_weights = lambda: {"s1": 0.0, "s2": 0.0, "fp": 0.0, "dfe": 0.0, "sam": 0.0, **weights}
+    t.dataloader_unlabeled = iter([unlabeled])
+    torch.manual_seed(123)
+    t.train_step(batch)
+    return captured
+
+
+def _differs(a: dict, b: dict, prefix: str) -> bool:
+    return any(not torch.allclose(a[k], b[k], atol=1e-9, rtol=0) for k in a if k.startswith(prefix))
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(torch.allclose(a[k], b[k], atol=1e-7, rtol=1e-5) for k in a)
+
+
+@pytest.mark.slow
+def test_each_unsupervised_term_moves_gradients_and_zero_weight_removes_it(planned) -> None:
+    t = _trainer()
+    batch, unlabeled = _batches(t)
+    none = _grads(t, batch, unlabeled, {})
+    # zero unsupervised weights: exactly nnU-Net's supervised gradient on the labeled batch
+    t.optimizer.zero_grad(set_to_none=True)
+    t.loss(t.network(batch["data"]), batch["target"]).backward()
+    stock = {f"net.{k}": p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+             for k, p in t.network.named_parameters()}
+    assert _same({k: none[k] for k in stock}, stock)
+    assert not _differs(none, {k: torch.zeros_like(v) for k, v in none.items()}, "dfe.")  # DFE idle
+
+    for term in ("s1", "s2", "fp", "dfe"):
+        on = _grads(t, batch, unlabeled, {term: 1.0})
+        assert _differs(on, none, "net."), f"{term}: no effect on the network's gradients"
+        assert _same(_grads(t, batch, unlabeled, {term: 0.0}), none), f"{term}: weight 0 still has an effect"
+    on = _grads(t, batch, unlabeled, {"dfe": 1.0})
+    # zero-initialised output projection: only it gets a gradient at step 0, and it does
+    assert _differs(on, none, "dfe."), "DFE's parameters get no gradient from the DFE term"
+    # the other terms never reach DFE
+    assert not _differs(_grads(t, batch, unlabeled, {"s1": 1.0, "s2": 1.0, "fp": 1.0}), none, "dfe.")
+
+
+def _short_run(planned, seed: int, name: str) -> dict[str, torch.Tensor]:
+    env = {**os.environ, "nnUNet_results": str(planned / name), "nnUNet_sss_seed": str(seed),
+           "nnUNet_sss_num_epochs": "1", "nnUNet_sss_iterations_per_epoch": "3",
+           "nnUNet_sss_val_iterations_per_epoch": "1", "nnUNet_n_proc_DA": "0", "OMP_NUM_THREADS": "1",
+           "nnUNet_compile": "f"}
+    run_cli(env, "nnUNetv2_train", str(DATASET_ID), "2d", "all", "-tr", TRAINER, "-device", "cpu")
+    ck = next((planned / name).rglob("checkpoint_final.pth"))
+    state = torch.load(ck, map_location="cpu", weights_only=False)
+    return {**{f"net.{k}": v for k, v in state["network_weights"].items()},
+            **{f"dfe.{k}": v for k, v in state["sss_state"]["dfe"].items()}}
+
+
+@pytest.mark.slow
+def test_seed_makes_two_short_runs_identical(planned) -> None:
+    a, b, c = _short_run(planned, 7, "a"), _short_run(planned, 7, "b"), _short_run(planned, 8, "c")
+    assert a.keys() == b.keys()
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, f"same seed, different weights: {diff[:5]}"
+    assert any(not torch.equal(a[k], c[k]) for k in a), "another seed gave the same run"
