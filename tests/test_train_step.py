@@ -138,3 +138,24 @@ def test_seed_makes_two_short_runs_identical(planned) -> None:
     diff = [k for k in a if not torch.equal(a[k], b[k])]
     assert not diff, f"same seed, different weights: {diff[:5]}"
     assert any(not torch.equal(a[k], c[k]) for k in a), "another seed gave the same run"
+
+
+def test_progress_png_has_supervised_unsupervised_and_fraction_panels(tmp_path) -> None:
+    import matplotlib.pyplot as plt
+    from nnunetv2.training.logging.nnunet_logger import LocalLogger
+
+    from nnunetv2_sss.training.progress import SSSLocalLogger
+    from nnunetv2_sss.training.semi_supervised import FRACTION_KEYS, LOSS_KEYS, class_fraction_keys
+
+    ours, stock = SSSLocalLogger(LOSS_KEYS, FRACTION_KEYS + class_fraction_keys(3)), LocalLogger()
+    assert ours._panels()[0][1] == ["sss_loss_sup"]  # the supervised loss has a panel of its own
+    assert "sss_confident_fraction_c1" in ours._panels()[2][1] and "sss_dfe_similarity" in ours._panels()[2][1]
+    for e in range(3):
+        for lg in (ours, stock):
+            for k in lg.my_fantastic_logging:
+                lg.log(k, [0.5, 0.5] if k == "dice_per_class_or_region" else float(e) / 3, e)
+    for lg, name in ((ours, "ours"), (stock, "stock")):
+        (tmp_path / name).mkdir()
+        lg.plot_progress_png(str(tmp_path / name))
+    h_ours, h_stock = (plt.imread(tmp_path / n / "progress.png").shape[0] for n in ("ours", "stock"))
+    assert abs(h_ours - 2 * h_stock) <= 2  # nnU-Net's figure plus three panels of a third of its height each

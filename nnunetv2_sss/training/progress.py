@@ -1,4 +1,4 @@
-"""nnU-Net's progress.png with one more panel: the unsupervised terms, confident-pixel fraction and SAM agreement."""
+"""nnU-Net's progress.png with three more panels: supervised loss, unsupervised terms, fractions and similarity."""
 
 from __future__ import annotations
 
@@ -37,6 +37,15 @@ class SSSLocalLogger(LocalLogger):
             vals = self.my_fantastic_logging.setdefault(k, [])
             vals.extend([float("nan")] * (n - len(vals)))
 
+    def _panels(self) -> list[tuple[str, list[str]]]:
+        """Below nnU-Net's figure: the supervised loss alone (nnU-Net's own loss, comparable with a stock run's
+        train loss), each unsupervised term, and the fractions (confident pixels overall and per class, DFE
+        similarity of the views, SAM agreement)."""
+        sup = [k for k in self.loss_keys if k.endswith("_sup")]
+        unsup = [k for k in self.loss_keys if k not in sup]
+        return [("supervised loss (nnU-Net's)", sup), ("unsupervised terms", unsup),
+                ("fraction / similarity", list(self.fraction_keys))]
+
     def plot_progress_png(self, output_folder: str) -> None:
         super().plot_progress_png(output_folder)
         path = Path(output_folder) / "progress.png"
@@ -44,31 +53,29 @@ class SSSLocalLogger(LocalLogger):
         epoch = min(len(v) for v in self.my_fantastic_logging.values()) - 1
         x = list(range(epoch + 1))
         h, w = stock.shape[:2]
+        panels = [(title, keys) for title, keys in self._panels() if keys]
         panel_h = h / 3
-        total = h + panel_h
+        total = h + panel_h * len(panels)
         fig = plt.figure(figsize=(w / 100, total / 100), dpi=100)
-        ax_img = fig.add_axes((0, panel_h / total, 1, h / total))  # the stock figure, pixel for pixel
+        ax_img = fig.add_axes((0, panel_h * len(panels) / total, 1, h / total))  # the stock figure, pixel for pixel
         ax_img.imshow(stock, aspect="auto")
         ax_img.axis("off")
-        bottom, legend_room = 110, 150  # pixels for the x label below and the legends above the panel
-        ax = fig.add_axes((0.08, bottom / total, 0.84, (panel_h - bottom - legend_room) / total))
-        for k in self.loss_keys:
-            ax.plot(x, self.my_fantastic_logging[k][: epoch + 1], ls="-", label=k.removeprefix("sss_"), linewidth=4)
-        ax.set_xlabel("epoch", fontsize=30)
-        ax.set_ylabel("unsupervised loss", fontsize=30)
-        ax.tick_params(labelsize=24)
-        ax2 = ax.twinx()
-        lowest = 0.0  # fractions and agreement live in [0, 1]; the DFE cosine similarity may go negative
-        for k in self.fraction_keys:
-            vals = np.asarray(self.my_fantastic_logging[k][: epoch + 1], dtype=float)
-            ax2.plot(x, vals, ls="dotted", label=k.removeprefix("sss_"), linewidth=4)
-            if np.isfinite(vals).any():
-                lowest = min(lowest, float(np.nanmin(vals)))
-        ax2.set_ylabel("fraction / agreement", fontsize=30)
-        ax2.set_ylim(lowest - 0.05, 1.05)
-        ax2.tick_params(labelsize=24)
-        ax.legend(loc=(0, 1), fontsize=24, ncol=3)
-        ax2.legend(loc=(0.6, 1), fontsize=24)
+        bottom, legend_room = 110, 150  # pixels for the x label below and the legends above each panel
+        for i, (title, keys) in enumerate(panels):
+            y0 = panel_h * (len(panels) - 1 - i)
+            ax = fig.add_axes((0.08, (y0 + bottom) / total, 0.84, (panel_h - bottom - legend_room) / total))
+            lowest, highest = np.inf, -np.inf
+            for k in keys:
+                vals = np.asarray(self.my_fantastic_logging[k][: epoch + 1], dtype=float)
+                ax.plot(x, vals, ls="-", label=k.removeprefix("sss_"), linewidth=4)
+                if np.isfinite(vals).any():
+                    lowest, highest = min(lowest, float(np.nanmin(vals))), max(highest, float(np.nanmax(vals)))
+            if title.startswith("fraction"):  # fractions in [0, 1]; the DFE cosine similarity may go negative
+                ax.set_ylim(min(0.0, lowest if np.isfinite(lowest) else 0.0) - 0.05, 1.05)
+            ax.set_xlabel("epoch", fontsize=30)
+            ax.set_ylabel(title, fontsize=26)
+            ax.tick_params(labelsize=24)
+            ax.legend(loc=(0, 1), fontsize=22, ncol=max(1, min(len(keys), 6)))
         tmp = path.with_name("progress.tmp.png")
         fig.savefig(tmp)
         plt.close(fig)
