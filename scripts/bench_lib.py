@@ -104,7 +104,8 @@ class Run:
         env.update(nnUNet_results=str(self.results_root(work)), nnUNet_sss_seed=str(self.seed),
                    nnUNet_sss_num_epochs=str(self.iterations // self.iters_per_epoch),
                    nnUNet_sss_iterations_per_epoch=str(self.iters_per_epoch),
-                   nnUNet_sss_val_iterations_per_epoch="2", nnUNet_sss_snapshot_every=str(snapshot_every))
+                   nnUNet_sss_val_iterations_per_epoch="2", nnUNet_sss_snapshot_every=str(snapshot_every),
+                   nnUNet_sss_skip_final_validation="1")
         Path(env["nnUNet_results"]).mkdir(parents=True, exist_ok=True)
         return env
 

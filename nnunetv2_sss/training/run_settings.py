@@ -97,6 +97,15 @@ class RunSettingsMixin:
             self.save_checkpoint(os.path.join(self.output_folder, f"checkpoint_epoch{done:04d}.pth"))
         super().on_epoch_end()
 
+    def perform_actual_validation(self, save_probabilities: bool = False) -> None:
+        """nnU-Net predicts the fold's validation cases after training; with fold ``all`` that is every training case
+        (minutes for 160 cases on a CPU) and tells a benchmark nothing it uses: ``nnUNet_sss_skip_final_validation=1``
+        skips it (benchmarks predict their own held-out cases)."""
+        if os.environ.get("nnUNet_sss_skip_final_validation", "0") == "1":
+            self.print_to_log_file("final validation skipped (nnUNet_sss_skip_final_validation=1)")
+            return
+        super().perform_actual_validation(save_probabilities)
+
     def worker_seed(self, stream: int) -> int:
         """A distinct seed per loader stream (0 train, 1 val, 2 unlabeled) and DDP rank."""
         return (self.seed or 0) * 10_000 + getattr(self, "local_rank", 0) * 1_000 + stream * 100
