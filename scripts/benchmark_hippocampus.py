@@ -21,12 +21,13 @@ Models, each trained with seeds 0, 1, 2 on fold ``all`` at the same iteration bu
 * ``sss_noSAM`` nnUNetTrainerSSS_noSAM (UniMatch + DFE)
 
 Plus: learning curves of sup3, unimatch and sss_noSAM (snapshots every fifth of the budget, scored on the validation
-cases), sup3 at 2x (every seed) and 4x the budget (first seed): does supervised plateau? Ablation rows (one seed,
-validation cases) and the pseudo-label quality of the semi-supervised runs over training on the validation cases (their
-labels hidden from training): per class, the fraction of ground-truth pixels that are confident and the Dice of the
-confident pixels, at thresholds 0.8 / 0.9 / 0.95. Test numbers: final checkpoints, ``nnUNetv2_predict
---disable_tta``, per-class Dice and HD95 (mm), mean +- std over seeds. Writes ``results.md``, ``results.json`` and
-``results.png`` (Dice against training time, learning curves, pseudo-label quality) to ``--work``.
+cases); sup3 at 2x (every seed) and 4x the budget (first seed) and full at 4x (first seed): does supervised plateau?
+Ablation rows (one seed, validation cases) and the pseudo-label quality of the semi-supervised runs over training on
+the validation cases (their labels hidden from training): per class, the fraction of ground-truth pixels that are
+confident and the Dice of the confident pixels, at thresholds 0.8 / 0.9 / 0.95. Test numbers: final checkpoints,
+nnU-Net's ``nnUNetPredictor`` without TTA (as ``nnUNetv2_predict --disable_tta``, run in this process), per-class
+Dice and HD95 (mm), mean +- std over seeds. Writes ``results.md``, ``results.json`` and ``results.png`` (Dice
+against training time, learning curves, pseudo-label quality) to ``--work``.
 """
 
 from __future__ import annotations
@@ -165,6 +166,8 @@ class Bench:
         # does supervised plateau? sup3 at 2x the budget (every seed) and 4x (first seed)
         runs += [self.run_of("sup3", "nnUNetTrainer_budget", SEMI_ID, s, 2) for s in self.a.seeds]
         runs.append(self.run_of("sup3", "nnUNetTrainer_budget", SEMI_ID, self.a.seeds[0], 4))
+        # the reference with every case labeled converges more slowly: also at 4x (first seed)
+        runs.append(self.run_of("full", "nnUNetTrainer_budget", FULL_ID, self.a.seeds[0], 4))
         if not self.a.no_ablations:
             runs += [self.run_of(lab, tr, SEMI_ID, 0) for lab, tr, _ in ABLATIONS]
         return runs
@@ -176,11 +179,13 @@ class Bench:
                 f.result()
 
     def score(self, r: bl.Run, split: str, checkpoint: str = "checkpoint_final.pth") -> dict:
+        """Dice/HD95 of one checkpoint on the test or validation cases (predicted in this process, see
+        ``predict_in_process``); on validation cases also the pseudo-label quality of that checkpoint."""
         raw = raw_folder(self.base, SEMI_ID)
         images, labels = {"test": ("imagesTs", "labelsTs"), "val": ("imagesVal", "labelsVal")}[split]
         tag = f"{split}_{r.name}_it{r.iterations}_{Path(checkpoint).stem}"
-        pred = bl.predict(r, self.base, self.work, raw / images, self.work / "predictions" / tag, self.a.device,
-                          checkpoint)
+        pred = predict_in_process(self, r, checkpoint, raw / images, raw / labels, self.work / "predictions" / tag,
+                                  quality=split == "val")
         return bl.evaluate(raw / labels, pred, raw / "dataset.json", self.work / "evaluation" / tag)
 
     def seconds(self, r: bl.Run, checkpoint: str = "checkpoint_final.pth") -> float:
@@ -191,28 +196,41 @@ class Bench:
         return t
 
 
-def pseudo_label_quality(b: Bench, r: bl.Run, checkpoint: str) -> dict:
-    """Per class and threshold: fraction of the class's ground-truth pixels that are confident, and Dice of the
-    prediction against the ground truth restricted to confident pixels, over the validation cases (whose labels
-    training never sees), predicted without TTA from un-augmented images (a proxy for the weak view)."""
-    out = b.work / "pseudo_quality" / f"{r.name}_it{r.iterations}_{Path(checkpoint).stem}.json"
-    if out.exists():
-        return json.loads(out.read_text())
+def predict_in_process(b: Bench, r: bl.Run, checkpoint: str, images: Path, labels: Path, out: Path,
+                       quality: bool) -> Path:
+    """nnU-Net's own ``nnUNetPredictor`` (what ``nnUNetv2_predict --disable_tta`` runs: same preprocessing, sliding
+    window, resampling back), in this process: a subprocess per checkpoint costs more than predicting the cases.
+
+    With ``quality``, also the pseudo-label quality over these cases (their labels never reach training): per class
+    and threshold, the fraction of the class's ground-truth pixels whose prediction is confident, and the Dice of the
+    prediction against the ground truth restricted to confident pixels; from un-augmented images, a proxy for the
+    weak view. Written to ``out/pseudo_quality.json``."""
+    if (out / ".done").exists():
+        return out
+    import shutil
+
     import torch
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+    print(f"[....] predict {r.name} it{r.iterations} {checkpoint} -> {out.name}", flush=True)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     predictor = nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, device=torch.device(b.a.device),
                                 verbose=False, verbose_preprocessing=False, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(r.fold_dir(b.work).parent), ("all",), checkpoint)
-    raw = raw_folder(b.base, SEMI_ID)
     io = SimpleITKIO()
-    acc = {c: {t: np.zeros(3) for t in THRESHOLDS} for c in CLASSES}  # tp, fp+fn, gt pixels confident
+    acc = {c: {t: np.zeros(3) for t in THRESHOLDS} for c in CLASSES}  # tp, |pred|+|gt|, confident gt pixels
     gt_total = dict.fromkeys(CLASSES, 0)
-    for lab in sorted((raw / "labelsVal").glob("*.nii.gz")):
-        img, props = io.read_images([str(raw / "imagesVal" / f"{lab.name[:-7]}_0000.nii.gz")])
-        gt = io.read_seg(str(lab))[0][0]
+    for lab in sorted(labels.glob("*.nii.gz")):
+        img, props = io.read_images([str(images / f"{lab.name[:-7]}_0000.nii.gz")])
         seg, probs = predictor.predict_single_npy_array(img, props, None, None, True)
+        io.write_seg(np.asarray(seg).astype(np.uint8), str(tmp / lab.name), props)
+        if not quality:
+            continue
+        gt = io.read_seg(str(lab))[0][0]
         probs = np.asarray(probs)
         if probs.shape[1:] != gt.shape:
             raise RuntimeError(f"{lab}: probabilities {probs.shape[1:]} vs label {gt.shape}")
@@ -224,12 +242,20 @@ def pseudo_label_quality(b: Bench, r: bl.Run, checkpoint: str) -> dict:
                 m = conf >= t
                 p, g = (seg == ci) & m, (gt == ci) & m
                 acc[c][t] += [(p & g).sum(), p.sum() + g.sum(), g.sum()]
-    res = {CLASSES[c]: {str(t): {"confident_dice": float(2 * a[0] / a[1]) if a[1] else None,
-                                 "confident_fraction": float(a[2] / gt_total[c]) if gt_total[c] else None}
-                        for t, a in acc[c].items()} for c in CLASSES}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    bl.write_atomic(out, json.dumps(res, indent=1))
-    return res
+    if quality:
+        res = {CLASSES[c]: {str(t): {"confident_dice": float(2 * a[0] / a[1]) if a[1] else None,
+                                     "confident_fraction": float(a[2] / gt_total[c]) if gt_total[c] else None}
+                            for t, a in acc[c].items()} for c in CLASSES}
+        (tmp / "pseudo_quality.json").write_text(json.dumps(res, indent=1))
+    (tmp / ".done").touch()
+    os.replace(tmp, out)
+    return out
+
+
+def pseudo_label_quality(b: Bench, r: bl.Run, checkpoint: str) -> dict:
+    b.score(r, "val", checkpoint)
+    tag = f"val_{r.name}_it{r.iterations}_{Path(checkpoint).stem}"
+    return json.loads((b.work / "predictions" / tag / "pseudo_quality.json").read_text())
 
 
 def fg_dice(s: dict, cls: str | None = None) -> float:
@@ -247,7 +273,8 @@ def report(b: Bench, split: dict) -> None:
                               "learning_curves": {}, "pseudo_label_quality": {}}
     # test table: final checkpoints of the main arms and the 2x-budget runs
     rows = [(lab, tr, ds, 1) for lab, tr, ds in MAIN_ARMS]
-    rows += [("sup3", "nnUNetTrainer_budget", SEMI_ID, 2), ("sup3", "nnUNetTrainer_budget", SEMI_ID, 4)]
+    rows += [("sup3", "nnUNetTrainer_budget", SEMI_ID, 2), ("sup3", "nnUNetTrainer_budget", SEMI_ID, 4),
+             ("full", "nnUNetTrainer_budget", FULL_ID, 4)]
     for lab, tr, ds, factor in rows:
         runs = [b.run_of(lab, tr, ds, s, factor) for s in seeds]
         runs = [r for r in runs if (r.fold_dir(work) / "checkpoint_final.pth").exists()]
