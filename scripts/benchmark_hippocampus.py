@@ -51,6 +51,7 @@ SEMI_ID, FULL_ID, SELF_ID0 = 40, 41, 42
 CONFIG = "2d_cpu"
 CLASSES = {"1": "anterior", "2": "posterior"}
 THRESHOLDS = (0.8, 0.9, 0.95)
+CURVE_ARMS = ("sup3", "unimatch", "sss_noSAM")  # learning curves on the validation cases (first seed)
 N_TEST, N_VAL, N_LABELED = 40, 20, 3
 MAIN_ARMS = [  # label, trainer, dataset
     ("sup3", "nnUNetTrainer_budget", SEMI_ID),
@@ -135,8 +136,11 @@ class Bench:
         self.work = args.work.resolve()
         (self.work / "logs").mkdir(parents=True, exist_ok=True)
         self.base = bl.base_env(self.work, args.np)
-        if args.jobs > 1:  # one core per training job
+        if args.jobs > 1:  # one core per training job (and per in-process prediction)
             self.base.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+            import torch
+
+            torch.set_num_threads(1)
         # planning needs nnUNet_n_proc_DA >= 1 (it sets torch's thread count from it); training may use 0
         self.train_base = {**self.base, "nnUNet_n_proc_DA": str(args.da_workers)}
         self.it = args.iterations
@@ -157,6 +161,18 @@ class Bench:
                                     f".planned_{r.dataset}")
         with self.locks[f"{r.name}_{r.iterations}"]:
             bl.train(r, self.train_base, self.work, self.a.device, snapshot_every=self.snap_every(r))
+        self.score_run(r)
+
+    def score_run(self, r: bl.Run) -> None:
+        """Predict and score what the report will need of this run as soon as it is trained (cached)."""
+        ablation = r.label in {lab for lab, _, _ in ABLATIONS}
+        if not ablation:
+            self.score(r, "test")
+        if r.seed == self.a.seeds[0] and r.iterations == self.it and r.label in CURVE_ARMS:
+            for _, ck in bl.snapshots(r, self.work):
+                self.score(r, "val", ck)
+        elif ablation or (r.seed == self.a.seeds[0] and r.iterations == self.it):
+            self.score(r, "val")
 
     def snap_every(self, r: bl.Run) -> int:
         return max(1, r.iterations // r.iters_per_epoch // 5)
@@ -307,7 +323,7 @@ def report(b: Bench, split: dict) -> None:
     # learning curves on the validation cases (seed 0 only, to keep prediction time bounded)
     for lab, tr, ds, factor in rows:
         r = b.run_of(lab, tr, ds, seeds[0], factor)
-        if lab in ("full", "selftrain") or not (r.fold_dir(work) / "checkpoint_final.pth").exists():
+        if factor != 1 or lab not in CURVE_ARMS or not (r.fold_dir(work) / "checkpoint_final.pth").exists():
             continue
         curve = []
         for it, ck in bl.snapshots(r, work):
