@@ -60,13 +60,14 @@ MAIN_ARMS = [  # label, trainer, dataset
     ("unimatch", "nnUNetTrainerUniMatch", SEMI_ID),
     ("sss_noSAM", "nnUNetTrainerSSS_noSAM", SEMI_ID),
 ]
-ABLATIONS = [  # label, trainer, what it changes (seed 0 only, validation cases)
-    ("unimatch_ratio025", "nnUNetTrainerUniMatch_ratio025", "unlabeled batch 1/4 of the labeled (earlier default)"),
-    ("unimatch_cutmix1", "nnUNetTrainerUniMatch_cutmix1", "CutMix probability 1.0 (0.5 default)"),
-    ("sss_noSAM_dfe2", "nnUNetTrainerSSS_noSAM_dfe2", "DFE on the two deepest scales only (all by default)"),
-    ("unimatch_rampup", "nnUNetTrainerUniMatch_rampup", "sigmoid ramp-up of the unsupervised weights (20%)"),
-    ("unimatch_thr090", "nnUNetTrainerUniMatch_thr090", "confidence threshold 0.90 (0.95 default)"),
-    ("unimatch_mixdraw", "nnUNetTrainerUniMatch_mixdraw", "CutMix partners from a separate loader draw"),
+ABLATIONS = [  # label, trainer, what it changes, iteration factor (seed 0 only, validation cases), in run order
+    ("unimatch_ratio025", "nnUNetTrainerUniMatch_ratio025",
+     "unlabeled batch 1/4 of the labeled (earlier default), 2.5x the iterations: about equal training time", 2.5),
+    ("sss_noSAM_dfe2", "nnUNetTrainerSSS_noSAM_dfe2", "DFE on the two deepest scales only (all by default)", 1),
+    ("unimatch_cutmix1", "nnUNetTrainerUniMatch_cutmix1", "CutMix probability 1.0 (0.5 default)", 1),
+    ("unimatch_rampup", "nnUNetTrainerUniMatch_rampup", "sigmoid ramp-up of the unsupervised weights (20%)", 1),
+    ("unimatch_thr090", "nnUNetTrainerUniMatch_thr090", "confidence threshold 0.90 (0.95 default)", 1),
+    ("unimatch_mixdraw", "nnUNetTrainerUniMatch_mixdraw", "CutMix partners from a separate loader draw", 1),
 ]
 
 
@@ -146,9 +147,9 @@ class Bench:
         self.it = args.iterations
         self.locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)  # one per run: no double start
 
-    def run_of(self, label: str, trainer: str, ds_id: int | None, seed: int, factor: int = 1) -> bl.Run:
-        return bl.Run(label, ds_id if ds_id is not None else SELF_ID0 + seed, trainer, seed, self.it * factor,
-                      CONFIG)
+    def run_of(self, label: str, trainer: str, ds_id: int | None, seed: int, factor: float = 1) -> bl.Run:
+        iterations = max(1, round(self.it * factor / bl.Run.iters_per_epoch)) * bl.Run.iters_per_epoch
+        return bl.Run(label, ds_id if ds_id is not None else SELF_ID0 + seed, trainer, seed, iterations, CONFIG)
 
     def train(self, r: bl.Run) -> None:
         if r.label == "selftrain" and not (r.fold_dir(self.work) / "checkpoint_final.pth").exists():
@@ -165,7 +166,7 @@ class Bench:
 
     def score_run(self, r: bl.Run) -> None:
         """Predict and score what the report will need of this run as soon as it is trained (cached)."""
-        ablation = r.label in {lab for lab, _, _ in ABLATIONS}
+        ablation = r.label in {a[0] for a in ABLATIONS}
         if not ablation:
             self.score(r, "test")
         if r.seed == self.a.seeds[0] and r.iterations == self.it and r.label in CURVE_ARMS:
@@ -185,7 +186,7 @@ class Bench:
         # the reference with every case labeled converges more slowly: also at 4x (first seed)
         runs.append(self.run_of("full", "nnUNetTrainer_budget", FULL_ID, self.a.seeds[0], 4))
         if not self.a.no_ablations:
-            runs += [self.run_of(lab, tr, SEMI_ID, 0) for lab, tr, _ in ABLATIONS]
+            runs += [self.run_of(lab, tr, SEMI_ID, self.a.seeds[0], f) for lab, tr, _, f in ABLATIONS]
         return runs
 
     def train_all(self, runs: list[bl.Run]) -> None:
@@ -335,16 +336,16 @@ def report(b: Bench, split: dict) -> None:
                 {"iterations": it, **pseudo_label_quality(b, r, ck)} for it, ck in bl.snapshots(r, work)]
     # ablations: seed 0, validation cases, against their base trainer
     abl_rows = []
-    for lab, tr, what in [("unimatch", "nnUNetTrainerUniMatch", "base"),
-                          ("sss_noSAM", "nnUNetTrainerSSS_noSAM", "base"), *ABLATIONS]:
-        r = b.run_of(lab, tr, SEMI_ID, seeds[0])
+    for lab, tr, what, f in [("unimatch", "nnUNetTrainerUniMatch", "default", 1),
+                             ("sss_noSAM", "nnUNetTrainerSSS_noSAM", "default", 1), *ABLATIONS]:
+        r = b.run_of(lab, tr, SEMI_ID, seeds[0], f)
         if not (r.fold_dir(work) / "checkpoint_final.pth").exists():
             continue
         s = b.score(r, "val")
-        results["ablations"][lab] = {"trainer": tr, "what": what, "val_dice": fg_dice(s),
+        results["ablations"][lab] = {"trainer": tr, "what": what, "iterations": r.iterations, "val_dice": fg_dice(s),
                                      "val_dice_per_class": {n: fg_dice(s, c) for c, n in CLASSES.items()},
                                      "train_seconds": b.seconds(r)}
-        abl_rows.append(f"| {lab} | {what} | " + " | ".join(f"{fg_dice(s, c):.3f}" for c in CLASSES)
+        abl_rows.append(f"| {lab} | {what} | {r.iterations} | " + " | ".join(f"{fg_dice(s, c):.3f}" for c in CLASSES)
                         + f" | {fg_dice(s):.3f} | {b.seconds(r) / 60:.1f} |")
     lines = [f"MSD Hippocampus, {N_LABELED} labeled / {len(split['unlabeled'])} unlabeled cases, "
              f"{N_TEST} test cases never used in training; configuration `{CONFIG}`; final checkpoints, no TTA; "
@@ -352,8 +353,8 @@ def report(b: Bench, split: dict) -> None:
              "| model | trainer | iterations | seeds | anterior Dice | posterior Dice | mean Dice | mean HD95 (mm) "
              "| gap closure | training min |", "|---|---|---|---|---|---|---|---|---|---|", *main_rows, "",
              f"Ablations (seed {seeds[0]} only, {N_VAL} validation cases, final checkpoints):", "",
-             "| run | change | anterior Dice | posterior Dice | mean Dice | training min |",
-             "|---|---|---|---|---|---|",
+             "| run | change | iterations | anterior Dice | posterior Dice | mean Dice | training min |",
+             "|---|---|---|---|---|---|---|",
              *abl_rows, ""]
     if results["pseudo_label_quality"]:
         lines += [f"Pseudo-label quality on the {N_VAL} validation cases (labels hidden from training), seed "
