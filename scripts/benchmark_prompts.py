@@ -158,15 +158,19 @@ def write_outputs(results: dict, out: Path, meta: dict) -> None:
     import matplotlib.pyplot as plt
 
     cks = list(results)
+    short = [Path(k).stem.removeprefix("checkpoint_") for k in cks]  # e.g. epoch0010, final
     classes = sorted({c for pm in results.values() for pc in pm.values() for c in pc})
-    fig, axes = plt.subplots(1, max(1, len(classes)), figsize=(4.5 * max(1, len(classes)), 3.6), squeeze=False)
-    for ax, c in zip(axes[0], classes, strict=False):
-        for method in METHODS:
-            ys = [results[k][method].get(c, {}).get("box_iou") for k in cks]
-            ax.plot(range(len(cks)), [np.nan if y is None else y for y in ys], marker="o", label=method)
-        ax.set_xticks(range(len(cks)), cks, rotation=30, fontsize=7)
-        ax.set_ylim(0, 1)
-        ax.set_title(f"class {c}: mean box IoU with GT", fontsize=9)
+    metrics = (("box_iou", "mean box IoU with GT"), ("pos_in_gt", "positive point inside GT"))
+    fig, axes = plt.subplots(len(metrics), max(1, len(classes)), figsize=(4.5 * max(1, len(classes)), 6.4),
+                             squeeze=False)
+    for row, (key, title) in zip(axes, metrics):
+        for ax, c in zip(row, classes, strict=False):
+            for method in METHODS:
+                ys = [results[k][method].get(c, {}).get(key) for k in cks]
+                ax.plot(range(len(cks)), [np.nan if y is None else y for y in ys], marker="o", label=method)
+            ax.set_xticks(range(len(cks)), short, fontsize=8)
+            ax.set_ylim(0, 1)
+            ax.set_title(f"class {c}: {title}", fontsize=9)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     tmp = out / f"prompt_quality.{os.getpid()}.tmp.png"
