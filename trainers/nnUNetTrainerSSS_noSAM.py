@@ -11,6 +11,7 @@ from nnunetv2_sss.training.variants import (
     nnUNetTrainerSSS_noSAM_5epochs,
     nnUNetTrainerSSS_noSAM_demo,
     nnUNetTrainerSSS_noSAM_dfe2,
+    nnUNetTrainerSSS_noSAM_ratio025,
     nnUNetTrainerSSS_noSAM_smoke,
     nnUNetTrainerUniMatch_5epochs,
     nnUNetTrainerUniMatch_cutmix1,

@@ -84,3 +84,9 @@ class nnUNetTrainerSSS_noSAM_dfe2(nnUNetTrainerSSS_noSAM):
     """DFE on the two deepest encoder scales only."""
 
     dfe_num_scales = 2
+
+
+class nnUNetTrainerSSS_noSAM_ratio025(nnUNetTrainerSSS_noSAM):
+    """SSS_noSAM with an unlabeled batch a quarter of the labeled: about a third of the cost per iteration on a CPU."""
+
+    unlabeled_batch_ratio = 0.25
