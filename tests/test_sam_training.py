@@ -723,3 +723,42 @@ def test_semisam_smoke_train(planned, sam_checkpoint: Path) -> None:
     assert state["sam"]["last_refresh_epoch"] == 0
     assert math.isfinite(ckpt["logging"]["sss_loss_sam"][1])
     assert all(v == pytest.approx(1.0) for v in ckpt["logging"]["sss_confident_fraction"])  # all pixels count
+
+
+@pytest.mark.slow
+def test_two_concurrent_folds_on_a_fresh_dataset_both_finish(sam_checkpoint: Path, tmp_path: Path) -> None:
+    """Two folds of nnUNetTrainerSSS started together on a dataset whose unlabeled images were never preprocessed:
+    they meet at the unlabeled preprocessing and the SAM-2 cache build (shared, locked: one builds, the other
+    waits) and must both finish, each with its own SAM-2 maps, over one cache."""
+    import subprocess
+
+    dirs = {k: tmp_path / k for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    for v in dirs.values():
+        v.mkdir()
+    dataset_id = 982
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in dirs.items():
+            mp.setenv(k, str(v))
+        from nnunetv2_sss.datasets.synthetic import make_synthetic_dataset
+
+        raw = make_synthetic_dataset(dataset_id=dataset_id, n_labeled=5, n_unlabeled=3, n_test=0,
+                                     shape=(4, 48, 48), overwrite=True)
+    env = _env(dirs, sam_checkpoint)
+    plan_env = {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"}
+    run_cli(plan_env, "nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", "2d", "-np", "1", "-npfp", "1")
+    trainer = "nnUNetTrainerSSS_smoke"
+    procs = [subprocess.Popen(["nnUNetv2_train", str(dataset_id), "2d", str(f), "-tr", trainer, "-device", "cpu"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for f in (0, 1)]
+    outputs = [p.communicate(timeout=1500)[0] for p in procs]
+    for f, (p, out) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"fold {f} failed:\n{out[-3000:]}"
+    results = dirs["nnUNet_results"] / raw.name / f"{trainer}__nnUNetPlans__2d"
+    folder = dirs["nnUNet_preprocessed"] / raw.name / "nnUNetPlans_2d_unlabeled"
+    cases = sorted(p.name.removesuffix(".b2nd") for p in folder.glob("*.b2nd") if not p.name.endswith("_seg.b2nd"))
+    assert len(cases) == 3
+    for f in (0, 1):
+        fold = results / f"fold_{f}"
+        assert (fold / "checkpoint_final.pth").is_file()
+        maps = sorted(p.name for p in (fold / "sam2_pseudolabels").glob("*.b2nd"))
+        assert len(maps) == len(cases), f"fold {f}: {maps}"
+    assert sam2_cache_folder(folder).is_dir()
