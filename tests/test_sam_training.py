@@ -427,6 +427,8 @@ def test_training_without_checkpoint_fails_fast_with_advice(planned, monkeypatch
     # nothing heavy happened first: no network, no data loaders, no SAM-2 maps for this run
     assert not t.was_initialized and t.dataloader_train is None and t.dataloader_unlabeled is None
     assert t.sam_backend is None
+    # the refused run leaves no log behind (nnU-Net's __init__ opened one; a retry would add another)
+    assert not list(Path(t.output_folder).glob("training_log_*.txt"))
 
 
 @pytest.mark.slow

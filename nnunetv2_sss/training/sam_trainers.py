@@ -180,8 +180,27 @@ class SAMRefreshMixin:
         self._check_sam_settings()
         self.check_sam_schedule()  # before anything heavy: a run without refreshes is refused, not run
         if self.local_rank == 0 and self.sam_active:
-            self.sam_backend = self.build_sam_backend()  # first: a bad checkpoint fails before any heavy work
+            from nnunetv2_sss.sam.backend import SAM2CheckpointError
+
+            try:
+                self.sam_backend = self.build_sam_backend()  # first: a bad checkpoint fails before any heavy work
+            except SAM2CheckpointError:
+                self._discard_log_of_unstarted_run()
+                raise
         super().on_train_start()
+
+    def _discard_log_of_unstarted_run(self) -> None:
+        """A run refused for its SAM-2 checkpoint never started: remove the log nnU-Net's __init__ opened for it
+        (and the fold folder when that leaves it empty), so retries do not pile up logs of runs that never were.
+        A resumed run (checkpoints present) keeps everything."""
+        fold = Path(self.output_folder)
+        if self.current_epoch != 0 or any(fold.glob("checkpoint_*.pth")):
+            return
+        log = Path(self.log_file) if self.log_file else None
+        if log is not None and log.is_file():
+            log.unlink()
+        if fold.is_dir() and not any(fold.iterdir()):
+            fold.rmdir()
 
     def prepare_unlabeled_data(self) -> None:
         """Runs inside get_dataloaders before the unlabeled loader exists: preprocessing, then the SAM-2 cache,
