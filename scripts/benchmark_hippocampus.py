@@ -61,6 +61,10 @@ MAIN_ARMS = [  # label, trainer, dataset
     ("sss_noSAM", "nnUNetTrainerSSS_noSAM", SEMI_ID),
 ]
 ABLATIONS = [  # label, trainer, what it changes, iteration factor (seed 0 only, validation cases), in run order
+    ("sss_noSAM_adaptive", "nnUNetTrainerSSS_noSAM_adaptive",
+     "class-adaptive confidence thresholds (0.95 x class confidence / max)", 1),
+    ("unimatch_adaptive", "nnUNetTrainerUniMatch_adaptive",
+     "class-adaptive confidence thresholds (0.95 x class confidence / max)", 1),
     ("unimatch_ratio025", "nnUNetTrainerUniMatch_ratio025",
      "unlabeled batch 1/4 of the labeled, 4x the iterations (as sup3 x4; about 1.6x its training time)", 4),
     ("sss_noSAM_ratio025", "nnUNetTrainerSSS_noSAM_ratio025",

@@ -9,11 +9,13 @@ from nnunetv2_sss.training.semi_supervised import (
 from nnunetv2_sss.training.variants import (
     nnUNetTrainer_budget,
     nnUNetTrainerSSS_noSAM_5epochs,
+    nnUNetTrainerSSS_noSAM_adaptive,
     nnUNetTrainerSSS_noSAM_demo,
     nnUNetTrainerSSS_noSAM_dfe2,
     nnUNetTrainerSSS_noSAM_ratio025,
     nnUNetTrainerSSS_noSAM_smoke,
     nnUNetTrainerUniMatch_5epochs,
+    nnUNetTrainerUniMatch_adaptive,
     nnUNetTrainerUniMatch_cutmix1,
     nnUNetTrainerUniMatch_mixdraw,
     nnUNetTrainerUniMatch_rampup,

@@ -22,6 +22,39 @@ def pseudo_label(logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor, 
     return labels, conf, (conf >= threshold).float()
 
 
+class ClassAdaptiveThreshold:
+    """Per-class confidence thresholds τ_c = τ · p̄_c / max_k p̄_c (self-adaptive, as FreeMatch's class-wise
+    thresholds), p̄_c an EMA of the mean confidence of the pixels predicted as class c.
+
+    Why: with one global τ = 0.95 the background, predicted at ~0.99, passes everywhere while a young model's
+    foreground (median confidence ~0.7 on Hippocampus after 600 iterations) almost never does, so the confident
+    pseudo-labels are background only and the unsupervised terms pull foreground towards background. Scaling τ by
+    each class's own confidence keeps the most confident part of every class. The EMA starts at 1/C per class
+    (no class favoured) and is part of the trainer's checkpoint state."""
+
+    def __init__(self, num_classes: int, threshold: float, momentum: float = 0.99):
+        self.threshold, self.momentum = threshold, momentum
+        self.mean_conf = torch.full((num_classes,), 1.0 / num_classes)
+
+    @torch.no_grad()
+    def update(self, labels: torch.Tensor, conf: torch.Tensor, valid: torch.Tensor) -> None:
+        c = self.mean_conf.numel()
+        w = valid.flatten().float()
+        lab, cf = labels.flatten(), conf.flatten().float()
+        count = torch.zeros(c, device=cf.device).index_add_(0, lab, w)
+        total = torch.zeros(c, device=cf.device).index_add_(0, lab, cf * w)
+        seen = (count > 0).cpu()
+        batch_mean = (total / count.clamp(min=1)).cpu()
+        m = self.momentum
+        self.mean_conf[seen] = m * self.mean_conf[seen] + (1 - m) * batch_mean[seen]
+
+    def thresholds(self) -> torch.Tensor:
+        return self.threshold * self.mean_conf / self.mean_conf.max().clamp(min=1e-8)
+
+    def mask(self, labels: torch.Tensor, conf: torch.Tensor) -> torch.Tensor:
+        return (conf >= self.thresholds().to(conf.device)[labels]).float()
+
+
 class MaskedCEDiceLoss(nn.Module):
     """CE + (1 - soft Dice) on the pixels where ``mask`` > 0: nnU-Net's loss form, at nnU-Net's scale.
 

@@ -41,6 +41,7 @@ from nnunetv2_sss.augment.views import NUM_VIEWS, apply_cutmix, cutmix_masks, ge
 from nnunetv2_sss.consistency.dfe import DFE
 from nnunetv2_sss.consistency.ema import EMATeacher
 from nnunetv2_sss.consistency.losses import (
+    ClassAdaptiveThreshold,
     MaskedCEDiceLoss,
     deep_supervision_targets,
     pseudo_label,
@@ -145,6 +146,7 @@ class nnUNetTrainerUniMatch(RunSettingsMixin, nnUNetTrainer):
     # separate unlabeled batch as UniMatch does (one more loader draw and a no-grad forward for its pseudo-labels)
     mix_partners: str = "batch"
     confidence_threshold: float = 0.95
+    class_adaptive_threshold: bool = False  # per-class thresholds scaled by each class's confidence (see losses.py)
     lambda_s1: float = 0.25
     lambda_s2: float = 0.25
     lambda_fp: float = 0.5
@@ -198,6 +200,9 @@ class nnUNetTrainerUniMatch(RunSettingsMixin, nnUNetTrainer):
         self.encoder_fn = torch.compile(net.encoder) if compile_parts else net.encoder
         self.decoder_fn = torch.compile(net.decoder) if compile_parts else net.decoder
         self.unlabeled_batch_size = self._unlabeled_batch_size()
+        self.adaptive_threshold = ClassAdaptiveThreshold(len(self.label_manager.all_labels),
+                                                         self.confidence_threshold) \
+            if self.class_adaptive_threshold else None
 
     def _unlabeled_batch_size(self) -> int:
         global_bs = max(2, round(self.configuration_manager.batch_size * self.unlabeled_batch_ratio))
@@ -356,8 +361,12 @@ class nnUNetTrainerUniMatch(RunSettingsMixin, nnUNetTrainer):
         """Confident arg-max pseudo-labels of the weak view, and their CutMix'ed copies for both strong views."""
         logits, logits_mix = self.weak_logits(u)
         u.labels, u.conf, mask = pseudo_label(logits, self.confidence_threshold)
+        labels_m, conf_m, mask_m = pseudo_label(logits_mix, self.confidence_threshold)
+        if self.adaptive_threshold is not None:
+            self.adaptive_threshold.update(u.labels, u.conf, u.valid)
+            mask = self.adaptive_threshold.mask(u.labels, u.conf)
+            mask_m = self.adaptive_threshold.mask(labels_m, conf_m)
         u.mask = mask * u.valid
-        labels_m, _, mask_m = pseudo_label(logits_mix, self.confidence_threshold)
         mask_m = mask_m * u.mix_valid
         for view, box in (("s1", u.box1), ("s2", u.box2)):
             u.mixed[view] = tuple(apply_cutmix(a, b[u.partner], box) for a, b in
@@ -504,6 +513,8 @@ class nnUNetTrainerUniMatch(RunSettingsMixin, nnUNetTrainer):
             state["dfe"] = self.dfe.state_dict()
         if self.ema_teacher is not None:
             state["ema_teacher"] = self.ema_teacher.state_dict()
+        if self.adaptive_threshold is not None:
+            state["class_mean_confidence"] = self.adaptive_threshold.mean_conf.clone()
         return state
 
     def load_extra_checkpoint_state(self, state: dict) -> None:
@@ -512,6 +523,8 @@ class nnUNetTrainerUniMatch(RunSettingsMixin, nnUNetTrainer):
             self.dfe.load_state_dict(state["dfe"])
         if self.ema_teacher is not None and "ema_teacher" in state:
             self.ema_teacher.load_state_dict(state["ema_teacher"])
+        if self.adaptive_threshold is not None and "class_mean_confidence" in state:
+            self.adaptive_threshold.mean_conf = state["class_mean_confidence"].clone().cpu()
 
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint plus our state ('sss_state'), written once, complete, to a temporary name that is

@@ -90,3 +90,13 @@ class nnUNetTrainerSSS_noSAM_ratio025(nnUNetTrainerSSS_noSAM):
     """SSS_noSAM with an unlabeled batch a quarter of the labeled: about a third of the cost per iteration on a CPU."""
 
     unlabeled_batch_ratio = 0.25
+
+
+class nnUNetTrainerSSS_noSAM_adaptive(nnUNetTrainerSSS_noSAM):
+    """SSS_noSAM with class-adaptive confidence thresholds (consistency/losses.py: ClassAdaptiveThreshold)."""
+
+    class_adaptive_threshold = True
+
+
+class nnUNetTrainerUniMatch_adaptive(nnUNetTrainerUniMatch):
+    class_adaptive_threshold = True
