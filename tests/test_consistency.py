@@ -171,3 +171,24 @@ def test_unlabeled_transforms_stack_weak_and_two_strong_views(patch, dummy2d):
     assert out["image"].shape == (NUM_VIEWS, *patch) and out["segmentation"].shape == (2, *patch)
     weak, s1, s2 = out["image"][0], out["image"][1], out["image"][2]
     assert not torch.equal(s1, s2) or not torch.equal(s1, weak)  # strong views are perturbed independently
+
+
+def test_class_adaptive_threshold_keeps_confident_part_of_every_class():
+    from nnunetv2_sss.consistency.losses import ClassAdaptiveThreshold, pseudo_label
+
+    labels = torch.tensor([[0, 0, 0, 1, 1, 2, 2]])
+    conf = torch.tensor([[0.99, 0.99, 0.99, 0.75, 0.6, 0.8, 0.5]])
+    valid = torch.ones(1, 7)
+    valid[0, 6] = 0  # an invalid pixel does not count towards its class's confidence
+    t = ClassAdaptiveThreshold(3, 0.95, momentum=0.0)
+    # a global 0.95 keeps background only: the failure this fixes
+    assert pseudo_label(torch.log(torch.tensor([[[0.99], [0.005], [0.005]]])), 0.95)[2].item() == 1.0
+    assert torch.equal((conf >= 0.95).float(), torch.tensor([[1.0, 1, 1, 0, 0, 0, 0]]))
+    t.update(labels, conf, valid)
+    assert torch.allclose(t.mean_conf, torch.tensor([0.99, 0.675, 0.8]))
+    assert torch.allclose(t.thresholds(), 0.95 * torch.tensor([0.99, 0.675, 0.8]) / 0.99)
+    assert torch.equal(t.mask(labels, conf), torch.tensor([[1.0, 1, 1, 1, 0, 1, 0]]))
+    # the EMA moves towards each batch's class means; an unseen class keeps its value
+    slow = ClassAdaptiveThreshold(3, 0.95, momentum=0.5)
+    slow.update(labels[:, :3], conf[:, :3], valid[:, :3])
+    assert torch.allclose(slow.mean_conf, torch.tensor([0.5 / 3 + 0.5 * 0.99, 1 / 3, 1 / 3]))
