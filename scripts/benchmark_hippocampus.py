@@ -324,8 +324,9 @@ def report(b: Bench, split: dict) -> None:
 
     sup, full = mean("sup3"), mean("full")
     for key, v in arms.items():
-        gc = (float(np.mean(v["dice"]["mean"])) - sup) / (full - sup) if sup is not None and full and full != sup \
-            else None
+        same_budget = v["iterations"] == b.it  # against sup3 and full at the same budget only
+        gc = (float(np.mean(v["dice"]["mean"])) - sup) / (full - sup) \
+            if same_budget and sup is not None and full and full != sup else None
         v["gap_closure"] = gc
         main_rows.append(
             f"| {key} | {v['trainer']} | {v['iterations']} | {len(v['seeds'])} | "
