@@ -171,6 +171,7 @@ class nnUNetTrainerUniMatch(RunSettingsMixin, nnUNetTrainer):
         self.dataloader_unlabeled = None
         self.dfe: DFE | None = None
         self.ema_teacher: EMATeacher | None = None
+        self.adaptive_threshold: ClassAdaptiveThreshold | None = None
         self.sss_step = 0
         self.unlabeled_loss = MaskedCEDiceLoss(do_bg=self.unsup_dice_do_bg)
         self.encoder_fn: nn.Module | None = None
