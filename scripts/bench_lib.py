@@ -9,13 +9,13 @@ interrupted training run resumes with ``--c``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,13 +50,9 @@ def todo(marker: Path, what: str) -> bool:
 
 def machine_line(device: str) -> str:
     cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
     return f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device {device}"
 
 
@@ -228,7 +224,3 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def fmt(values: list[float], digits: int = 3) -> str:
     m, s = mean_std(values)
     return f"{m:.{digits}f} ± {s:.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
-
-
-def wait_time() -> float:
-    return time.time()

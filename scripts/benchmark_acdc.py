@@ -22,12 +22,15 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_lib import bin_cmd, run  # noqa: E402
+from bench_lib import todo as step  # noqa: E402
+
 SEMI_ID, FULL_ID = 27, 28
 CONFIG = "2d_small"
 DEFAULT_ITERATIONS = 1500  # at budget 1: about two hours for the whole script on a 2-core CPU
@@ -39,28 +42,6 @@ RUNS = [  # (label, dataset id, trainer)
     ("supFull", FULL_ID, "nnUNetTrainer_budget"),
 ]
 CLASSES = {"1": "RV", "2": "MYO", "3": "LV"}
-
-
-def bin_cmd(name: str) -> str:
-    exe = Path(sys.executable).parent / name
-    return str(exe) if exe.exists() else name
-
-
-def run(cmd: list[str], env: dict, log: Path) -> None:
-    print(f"$ {' '.join(cmd)}  (log: {log})", flush=True)
-    with open(log, "a") as f:
-        proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}; see {log}")
-
-
-def step(done: Path, what: str):
-    """Decorator-free resumability: returns False when the step's marker exists."""
-    if done.exists():
-        print(f"[skip] {what} (done earlier)", flush=True)
-        return False
-    print(f"[....] {what}", flush=True)
-    return True
 
 
 def main() -> None:
