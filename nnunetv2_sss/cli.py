@@ -45,7 +45,8 @@ def cpu_friendly_env(env: dict[str, str]) -> dict[str, str]:
 
 
 # Errors this package raises for bad input (they carry the advice in their message): shown as one message.
-USER_ERROR_NAMES = frozenset({"UnlabeledDataError", "SAM2CheckpointError", "CheckpointError", "DatasetToolError"})
+USER_ERROR_NAMES = frozenset({"UnlabeledDataError", "SAM2CheckpointError", "CheckpointError", "DatasetToolError",
+                              "WarmStartError"})
 TRACEBACK_ENV = "nnUNet_sss_traceback"
 
 

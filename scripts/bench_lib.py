@@ -88,7 +88,7 @@ class Run:
         return f"{self.label}_s{self.seed}"
 
     def results_root(self, work: Path) -> Path:
-        return work / "results" / f"seed{self.seed}_it{self.iterations}"
+        return work / "results" / f"{self.label}_s{self.seed}_it{self.iterations}"
 
     def fold_dir(self, work: Path) -> Path:
         root = self.results_root(work)
@@ -106,17 +106,145 @@ class Run:
         return env
 
 
-def train(r: Run, base: dict[str, str], work: Path, device: str, snapshot_every: int = 0) -> None:
+def git_commit() -> str:
+    """The commit the benchmark code runs at (with '+dirty' when the tree has uncommitted changes)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def run_commit(fold: Path) -> str | None:
+    f = fold / "run.json"
+    return json.loads(f.read_text()).get("commit") if f.is_file() else None
+
+
+def train(r: Run, base: dict[str, str], work: Path, device: str, snapshot_every: int = 0,
+          extra_env: dict[str, str] | None = None, commit: str | None = None) -> None:
+    """``nnUNetv2_train`` of one run (resumed with ``--c`` when interrupted); ``run.json`` in the fold folder
+    records the commit and the settings it was trained with."""
     fold = r.fold_dir(work)
     if (fold / "checkpoint_final.pth").exists():
-        print(f"[skip] train {r.name} (done earlier)", flush=True)
+        print(f"[skip] train {r.name} it{r.iterations} (done earlier)", flush=True)
         return
     print(f"[....] train {r.name}: {r.trainer} on Dataset{r.dataset:03d}, {r.iterations} iterations, seed {r.seed}",
           flush=True)
     cmd = [bin_cmd("nnUNetv2_train"), str(r.dataset), r.configuration, "all", "-tr", r.trainer, "-device", device]
     if (fold / "checkpoint_latest.pth").exists():
         cmd.append("--c")
-    run(cmd, r.env(base, work, snapshot_every), work / "logs" / f"train_{r.name}_it{r.iterations}.log")
+    env = {**r.env(base, work, snapshot_every), **(extra_env or {})}
+    run(cmd, env, work / "logs" / f"train_{r.name}_it{r.iterations}.log")
+    fold = r.fold_dir(work)
+    write_atomic(fold / "run.json", json.dumps({"commit": commit or git_commit(), "trainer": r.trainer,
+                                                "iterations": r.iterations, "seed": r.seed,
+                                                "settings": {k: v for k, v in env.items()
+                                                             if k.startswith("nnUNet_sss_")}}, indent=1))
+
+
+def raw_folder(base: dict[str, str], ds_id: int) -> Path:
+    found = sorted(Path(base["nnUNet_raw"]).glob(f"Dataset{ds_id:03d}_*"))
+    if not found:
+        sys.exit(f"no raw dataset {ds_id} under {base['nnUNet_raw']}")
+    return found[0]
+
+
+def bench_env(work: Path, jobs: int, nnunet_folders_in_work: bool = False) -> dict[str, str]:
+    """Environment of the benchmark's nnU-Net commands: results (and, for the prepared datasets, raw and
+    preprocessed) under ``work``; one torch thread per job when jobs run side by side."""
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "logs").mkdir(exist_ok=True)
+    if nnunet_folders_in_work:
+        base = base_env(work, 2)
+    else:
+        from nnunetv2_sss.cli import cpu_friendly_env, ensure_ext_trainer_env
+
+        base = cpu_friendly_env(dict(os.environ))
+        for k in ("nnUNet_raw", "nnUNet_preprocessed"):
+            if not base.get(k):
+                sys.exit(f"set {k} (the dataset's nnU-Net folders)")
+        base.update(nnUNet_results=str(work / "results" / "default"))
+        base.setdefault("nnUNet_n_proc_DA", "2")
+        os.environ.update(base)
+        base["nnUNet_extTrainer"] = ensure_ext_trainer_env()
+    if jobs > 1:
+        base.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        torch.set_num_threads(1)
+    return base
+
+
+def predict_in_process(fold: Path, checkpoint: str, images: Path, labels: Path, out: Path, dataset_json: Path,
+                       device: str, thresholds: tuple[float, ...] = ()) -> Path:
+    """Every labeled case of ``labels`` predicted by nnU-Net's ``nnUNetPredictor`` from ``images`` (what
+    ``nnUNetv2_predict --disable_tta`` runs), in this process; cached per checkpoint file (its mtime).
+
+    With ``thresholds``, also the pseudo-label diagnostics of this checkpoint (labels never reach training), per
+    class c and threshold t over all cases: ``confident_share`` = |pred = c, conf >= t| / |pred = c|,
+    ``confident_precision`` = |pred = c, conf >= t, gt = c| / |pred = c, conf >= t|, ``confident_background`` =
+    |gt = c, pred = 0, conf >= t| / |gt = c|; from un-augmented images, a proxy for the weak view. Written to
+    ``out/diagnostics.json``."""
+    stamp = f"{(fold / checkpoint).stat().st_mtime_ns}"
+    if (out / ".done").exists() and (out / ".done").read_text() == stamp:
+        return out
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    ds = json.loads(dataset_json.read_text())
+    ending = ds["file_ending"]
+    classes = {int(v): k for k, v in ds["labels"].items() if int(v) > 0}
+    n_ch = len(ds["channel_names"])
+    print(f"[....] predict {fold.parent.parent.parent.name} {checkpoint} -> {out.name}", flush=True)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, device=torch.device(device),
+                                verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(fold.parent), ("all",), checkpoint)
+    io = SimpleITKIO()
+    counts = {c: {t: np.zeros(5) for t in thresholds} for c in classes}  # pred, pred&conf, tp&conf, gt, gt->bg&conf
+    for lab in sorted(labels.glob(f"*{ending}")):
+        case = lab.name[: -len(ending)]
+        img, props = io.read_images([str(images / f"{case}_{i:04d}{ending}") for i in range(n_ch)])
+        seg, probs = predictor.predict_single_npy_array(img, props, None, None, True)
+        io.write_seg(np.asarray(seg).astype(np.uint8), str(tmp / lab.name), props)
+        if not thresholds:
+            continue
+        gt = io.read_seg(str(lab))[0][0]
+        conf = np.asarray(probs).max(0)
+        if conf.shape != gt.shape:
+            raise RuntimeError(f"{lab}: probabilities {conf.shape} vs label {gt.shape}")
+        for c in classes:
+            p_c, g_c = seg == c, gt == c
+            for t in thresholds:
+                m = conf >= t
+                counts[c][t] += [p_c.sum(), (p_c & m).sum(), (p_c & m & g_c).sum(), g_c.sum(),
+                                 (g_c & (seg == 0) & m).sum()]
+    if thresholds:
+        def ratio(a: float, b: float) -> float | None:
+            return float(a / b) if b else None
+
+        diag = {classes[c]: {str(t): {"confident_share": ratio(v[1], v[0]), "confident_precision": ratio(v[2], v[1]),
+                                      "confident_background": ratio(v[4], v[3])} for t, v in counts[c].items()}
+                for c in classes}
+        (tmp / "diagnostics.json").write_text(json.dumps(diag, indent=1))
+    (tmp / ".done").write_text(stamp)
+    os.replace(tmp, out)
+    return out
+
+
+def fg_dice(s: dict, cls: str | None = None) -> float:
+    return s["foreground_mean"]["dice"] if cls is None else s["per_class"][cls]["dice"]["mean"]
+
+
+def fg_hd95(s: dict, cls: str | None = None) -> float:
+    return s["foreground_mean"]["hd95"] if cls is None else s["per_class"][cls]["hd95"]["mean"]
+
+
+def save_figure(fig, out: Path) -> None:
+    tmp = out.with_name(out.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, out)
 
 
 def predict(r: Run, base: dict[str, str], work: Path, images: Path, out: Path, device: str,

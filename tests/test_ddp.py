@@ -70,7 +70,7 @@ def _trainer(global_batch: int, cpu_ddp: bool = False):
 
 
 def _states(t) -> dict[str, dict[str, torch.Tensor]]:
-    from nnunetv2_sss.training.semi_supervised import unwrap_network
+    from nnunetv2_sss.training.warm_start import unwrap_network
 
     return {"net": {k: v.detach().clone() for k, v in unwrap_network(t.network).state_dict().items()},
             "dfe": {k: v.detach().clone() for k, v in t.dfe.state_dict().items()},
@@ -78,7 +78,7 @@ def _states(t) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def _load_states(t, states: dict) -> None:
-    from nnunetv2_sss.training.semi_supervised import unwrap_network
+    from nnunetv2_sss.training.warm_start import unwrap_network
 
     unwrap_network(t.network).load_state_dict(states["net"])
     t.dfe.load_state_dict(states["dfe"])

@@ -599,7 +599,7 @@ def test_semisam_step_is_a_mean_teacher_with_sam_term(planned, sam_checkpoint: P
     t = _trainer("nnUNetTrainerSemiSAM_smoke", fold=3)
     t.on_train_start()
     try:
-        from nnunetv2_sss.training.semi_supervised import unwrap_network
+        from nnunetv2_sss.training.warm_start import unwrap_network
 
         seen: dict[str, torch.Tensor] = {}
         steps = []

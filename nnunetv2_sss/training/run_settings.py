@@ -14,6 +14,10 @@ With ``nnUNet_n_proc_DA=0`` on the CPU two runs with the same seed are identical
 Budget: ``nnUNet_sss_num_epochs``, ``nnUNet_sss_iterations_per_epoch``, ``nnUNet_sss_val_iterations_per_epoch`` set
 the training length, so a benchmark gives every trainer the same iteration budget.
 
+Warm start (``training/warm_start.py``): ``nnUNet_sss_init_checkpoint`` (or the attribute ``init_checkpoint``) starts
+the run from a supervised checkpoint of the same dataset, with ``warm_start_initial_lr`` (env
+``nnUNet_sss_warm_start_lr``) and ``warm_start_num_epochs`` (the budget env vars win over it).
+
 Snapshots: ``nnUNet_sss_snapshot_every`` = K (or the attribute ``snapshot_every``) keeps a copy of the checkpoint
 every K epochs as ``checkpoint_epochNNNN.pth`` (NNNN = epochs trained), so a learning curve can be read off one
 run (Dice of each snapshot on a test set) and the pseudo-labels can be measured over training.
@@ -27,6 +31,8 @@ import random
 import numpy as np
 import torch
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+
+from nnunetv2_sss.training.warm_start import init_checkpoint_path, warm_start
 
 SEED_ENV = "nnUNet_sss_seed"
 
@@ -60,6 +66,16 @@ def _int_env(name: str) -> int | None:
         raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
 
 
+def float_env(name: str) -> float | None:
+    value = os.environ.get(name)
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be a number, got {value!r}") from None
+
+
 def apply_budget_from_env(trainer) -> None:
     """Training length from env vars, so a benchmark gives every trainer the same iteration budget."""
     for var, attr in (("nnUNet_sss_num_epochs", "num_epochs"),
@@ -75,6 +91,11 @@ class RunSettingsMixin:
 
     seed: int | None = None
     snapshot_every: int = 0  # epochs; 0 = no snapshots
+    init_checkpoint: str | None = None  # warm start (nnUNet_sss_init_checkpoint wins)
+    # a warm-started run fine-tunes a converged model: nnU-Net's restart at 0.01 with momentum 0.99 would first undo
+    # much of it (measured on the validation split, see the README); a quarter of nnU-Net's length
+    warm_start_initial_lr: float = 1e-3
+    warm_start_num_epochs: int = 250
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -84,6 +105,12 @@ class RunSettingsMixin:
         if self.seed is not None:
             seed_everything(self.seed)
         super().__init__(plans, configuration, fold, dataset_json, device)
+        self.init_checkpoint_file = init_checkpoint_path(self.init_checkpoint)
+        if self.init_checkpoint_file is not None:
+            self.num_epochs = self.warm_start_num_epochs
+            lr = float_env("nnUNet_sss_warm_start_lr")
+            if lr is not None:
+                self.warm_start_initial_lr = lr
         apply_budget_from_env(self)
         every = _int_env("nnUNet_sss_snapshot_every")
         if every is not None:
@@ -113,7 +140,15 @@ class RunSettingsMixin:
     def initialize(self) -> None:
         if self.seed is not None:  # the network's initial weights follow the seed, not what ran before
             seed_everything(self.seed + getattr(self, "local_rank", 0))
+        if self.init_checkpoint_file is not None:
+            self.initial_lr = self.warm_start_initial_lr  # before nnU-Net builds the optimizer and its schedule
         super().initialize()
+        if self.init_checkpoint_file is not None:  # before subclasses build a teacher or DFE from the network
+            warm_start(self, self.init_checkpoint_file)
+
+    @property
+    def warm_started(self) -> bool:
+        return self.init_checkpoint_file is not None
 
     def get_dataloaders(self):
         if self.seed is None:

@@ -137,8 +137,11 @@ class SAMRefreshMixin:
                              f"[0, 1]; got {bad}. Set them in a subclass, e.g. sam_warmup_fraction = 0.1.")
 
     def sam_schedule(self) -> SAMSchedule:
-        """This run's refresh schedule, from ``num_epochs`` as it is now (budget env vars and variants applied)."""
-        return SAMSchedule.from_fractions(self.num_epochs, self.sam_warmup_fraction, self.sam_refresh_every_fraction,
+        """This run's refresh schedule, from ``num_epochs`` as it is now (budget env vars and variants applied); the
+        SAM-2 warm-up counts from the end of the supervised warm-up of a run from scratch."""
+        warmup = self.sam_warmup_fraction + self.supervised_warmup_steps() / max(
+            1, self.num_epochs * self.num_iterations_per_epoch)
+        return SAMSchedule.from_fractions(self.num_epochs, min(1.0, warmup), self.sam_refresh_every_fraction,
                                           self.sam_rampup_fraction)
 
     def check_sam_schedule(self) -> None:

@@ -35,7 +35,6 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast, nn
 from torch import distributed as dist
-from torch._dynamo import OptimizedModule
 
 from nnunetv2_sss.augment.views import NUM_VIEWS, apply_cutmix, cutmix_masks, get_unlabeled_transforms
 from nnunetv2_sss.consistency.dfe import DFE
@@ -55,7 +54,8 @@ from nnunetv2_sss.training.checkpoints import (
     save_complete_checkpoint,
 )
 from nnunetv2_sss.training.progress import SSSLocalLogger
-from nnunetv2_sss.training.run_settings import RunSettingsMixin
+from nnunetv2_sss.training.run_settings import RunSettingsMixin, float_env
+from nnunetv2_sss.training.warm_start import unwrap_network
 from nnunetv2_sss.unlabeled.layout import SAM_PSEUDOLABEL_FOLDER
 from nnunetv2_sss.unlabeled.preprocess import preprocess_unlabeled
 
@@ -74,12 +74,6 @@ def split_batch_across_ranks(global_batch_size: int, world_size: int, rank: int)
     """This rank's share of a global batch, split exactly as nnU-Net splits the labeled batch under DDP."""
     base = global_batch_size // world_size
     return base + 1 if base * world_size + rank < global_batch_size else base
-
-
-def unwrap_network(network: nn.Module) -> nn.Module:
-    """The plain network under DDP (``.module``) and torch.compile (``._orig_mod``)."""
-    mod = network.module if hasattr(network, "module") and not hasattr(network, "encoder") else network
-    return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
 
 
 def channel_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -151,8 +145,12 @@ class nnUNetTrainerUniMatch(RunSettingsMixin, nnUNetTrainer):
     lambda_s2: float = 0.25
     lambda_fp: float = 0.5
     lambda_dfe: float = 0.0
-    # sigmoid ramp-up of the unsupervised weights over this fraction of the run's iterations (0 = full from step 0)
-    unsup_rampup_fraction: float = 0.0
+    # A run from scratch (no warm start) trains supervised only for this share of its iterations (no unlabeled batch
+    # drawn, nnU-Net's own step), then ramps the unsupervised weights in (sigmoid) over ``unsup_rampup_fraction`` of
+    # the run: before the student has learnt the labeled cases its confident pixels are background, and the
+    # unsupervised terms would teach exactly that. A warm-started run (training/warm_start.py) has no warm-up.
+    unsup_warmup_fraction: float = 0.2
+    unsup_rampup_fraction: float = 0.05
     unsup_dice_do_bg: bool = True
     feature_dropout_p: float = 0.5
     cutmix_p: float = 0.5
@@ -176,6 +174,9 @@ class nnUNetTrainerUniMatch(RunSettingsMixin, nnUNetTrainer):
         self.unlabeled_loss = MaskedCEDiceLoss(do_bg=self.unsup_dice_do_bg)
         self.encoder_fn: nn.Module | None = None
         self.decoder_fn: nn.Module | None = None
+        fraction = float_env("nnUNet_sss_unsup_warmup_fraction")
+        if fraction is not None:
+            self.unsup_warmup_fraction = fraction
 
     # ------------------------------------------------------------------ setup
     def initialize(self) -> None:
@@ -286,12 +287,19 @@ class nnUNetTrainerUniMatch(RunSettingsMixin, nnUNetTrainer):
         """Weight of the SAM-2 term this epoch (subclasses ramp it); 0 disables it."""
         return 0.0
 
+    def supervised_warmup_steps(self) -> int:
+        """Iterations trained supervised only at the start of a run from scratch (0 when warm-started)."""
+        if getattr(self, "warm_started", False) or self.unsup_warmup_fraction <= 0:
+            return 0
+        return round(self.num_epochs * self.num_iterations_per_epoch * self.unsup_warmup_fraction)
+
     def unsupervised_rampup(self) -> float:
-        """Sigmoid ramp of the unsupervised weights over ``unsup_rampup_fraction`` of the run (1 when 0)."""
+        """Sigmoid ramp of the unsupervised weights over ``unsup_rampup_fraction`` of the run, from the end of the
+        supervised warm-up (1 when the fraction is 0)."""
         if self.unsup_rampup_fraction <= 0:
             return 1.0
         total = self.num_epochs * self.num_iterations_per_epoch * self.unsup_rampup_fraction
-        return sigmoid_rampup(self.sss_step / max(1.0, total))
+        return sigmoid_rampup((self.sss_step - self.supervised_warmup_steps()) / max(1.0, total))
 
     def unsupervised_weights(self) -> dict[str, float]:
         """This step's weight of each unsupervised term (0 skips the term's computation)."""
@@ -444,7 +452,22 @@ class nnUNetTrainerUniMatch(RunSettingsMixin, nnUNetTrainer):
         return logs
 
     # ------------------------------------------------------------------ training
+    def supervised_warmup_step(self, batch: dict) -> dict:
+        """nnU-Net's own step (its forward, loss, gradient and clipping); no unlabeled batch is drawn."""
+        result = nnUNetTrainer.train_step(self, batch)
+        self.sss_step += 1
+        loss = float(np.asarray(result["loss"]))
+        for k in LOSS_KEYS + FRACTION_KEYS + self.class_fraction_keys:
+            if k != "sss_sam_agreement":
+                result[k] = np.array(loss if k == "sss_loss_sup" else np.nan, dtype=np.float64)
+        return result
+
     def train_step(self, batch: dict) -> dict:
+        warmup = self.supervised_warmup_steps()
+        if self.sss_step < warmup:
+            return self.supervised_warmup_step(batch)
+        if self.ema_teacher is not None and warmup > 0 and self.sss_step == warmup:
+            self.ema_teacher.update(unwrap_network(self.network), 0)  # the teacher starts as the warmed-up student
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
@@ -465,7 +488,7 @@ class nnUNetTrainerUniMatch(RunSettingsMixin, nnUNetTrainer):
                     loss = loss + weights[k] * t
         self.optimizer_step(loss)
         if self.ema_teacher is not None:  # step 0 has momentum 0: the teacher starts as the (pretrained) student
-            self.ema_teacher.update(unwrap_network(self.network), self.sss_step)
+            self.ema_teacher.update(unwrap_network(self.network), self.sss_step - warmup)
         self.sss_step += 1
 
         logs = {"sss_loss_sup": l_sup.item(), **u.logs, **self.step_logs(u)}

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from nnunetv2_sss.training.semi_supervised import unwrap_network
+from nnunetv2_sss.training.warm_start import unwrap_network
 
 if TYPE_CHECKING:
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor

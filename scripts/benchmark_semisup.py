@@ -1,0 +1,331 @@
+"""Does semi-supervised training pay on *this* dataset? Supervised first, then semi-supervised, against the controls.
+
+For any planned nnU-Net dataset with unlabeled images (``imagesUnlabeled``, preprocessed) and a labeled test set
+that training never sees, one resumable command trains, per seed, on fold ``all`` with one configuration:
+
+* ``sup``        stock supervised nnU-Net (``nnUNetTrainer_budget``) on the labeled cases, ``--sup-iterations`` B;
+* ``sup_2B``     the same for 2B iterations: has supervised plateaued at B? (their difference vs the seed spread);
+* ``sss_ws``     ``nnUNetTrainerSSS_noSAM`` warm-started from that seed's ``sup`` (``nnUNet_sss_init_checkpoint``),
+                 ``--semi-iterations`` S;
+* ``unimatch_ws`` ``nnUNetTrainerUniMatch`` warm-started likewise (DFE against UniMatch);
+* ``sup_long``   supervised training continued from ``sup`` with the warm-start schedule for about the semi stage's
+                 time (``--long-factor`` x S iterations): is the gain more than more training?
+* ``selftrain``  nnU-Net self-training with stock commands (nnU-Net#2338): ``sup`` predicts the unlabeled images,
+                 a new dataset holds labeled + pseudo-labeled cases (same plans), trained for B iterations;
+* ``full``       the all-labeled reference (``--full-dataset``, same plans), 2B iterations;
+* ``onerun``     ``nnUNetTrainerSSS_noSAM`` from scratch in one run: B supervised warm-up iterations inside the run,
+                 then S semi-supervised ones (``nnUNet_sss_unsup_warmup_fraction`` = B / (B + S));
+* ``tune_*``     (first seed, validation cases only) the semi stage at another learning rate.
+
+Every arm's time counts the supervised stage it starts from (total training time). Test cases are predicted by
+nnU-Net's ``nnUNetPredictor`` with the **final** checkpoint, no TTA; Dice and HD95 per class; mean +- std over
+seeds. With ``--val-images/--val-labels`` (cases that are neither test nor training), the semi stages' snapshots
+and ``sup`` (the positive control) are also scored there, with the pseudo-label diagnostics: per class and
+threshold, the share of pixels predicted as that class that are confident, the precision of those confident
+pixels, and the share of the structure's pixels confidently called background. Each run folder gets ``run.json``
+with the commit it was trained at; results are written to ``--work`` (``results.{md,json,png}``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import bench_lib as bl
+import numpy as np
+
+THRESHOLDS = (0.8, 0.9, 0.95)
+
+
+@dataclass(frozen=True)
+class Arm:
+    label: str
+    trainer: str
+    iterations: int
+    dataset: int
+    warm_from: str | None = None  # label of the run whose final checkpoint starts this one (same seed)
+    env: tuple[tuple[str, str], ...] = ()
+    test: bool = True  # False: scored on the validation cases only (tuning rows)
+
+
+@dataclass
+class Protocol:
+    dataset: int
+    configuration: str
+    test_images: Path
+    test_labels: Path
+    sup_iterations: int
+    semi_iterations: int
+    long_factor: float
+    full_dataset: int | None = None
+    val_images: Path | None = None
+    val_labels: Path | None = None
+    selftrain_id: int | None = None  # dataset id of the self-training dataset of seed 0 (+seed)
+    tune_lrs: tuple[float, ...] = (0.01,)
+    arms_wanted: tuple[str, ...] | None = None
+    locks: defaultdict = field(default_factory=lambda: defaultdict(threading.Lock))
+
+    def arms(self, seed: int, first_seed: bool) -> list[Arm]:
+        """In priority order: what the verdict needs first, the plateau check and references after."""
+        b, s = self.sup_iterations, self.semi_iterations
+        long_it = max(50, int(round(self.long_factor * s / 50)) * 50)
+        out = [Arm("sup", "nnUNetTrainer_budget", b, self.dataset),
+               Arm("sss_ws", "nnUNetTrainerSSS_noSAM", s, self.dataset, "sup"),
+               Arm("sup_long", "nnUNetTrainer_budget", long_it, self.dataset, "sup"),
+               Arm("unimatch_ws", "nnUNetTrainerUniMatch", s, self.dataset, "sup")]
+        if first_seed and self.val_labels is not None:
+            out += [Arm(f"tune_sss_ws_lr{lr:g}", "nnUNetTrainerSSS_noSAM", s, self.dataset, "sup",
+                        (("nnUNet_sss_warm_start_lr", str(lr)),), test=False) for lr in self.tune_lrs]
+        if self.selftrain_id is not None:
+            out.append(Arm("selftrain", "nnUNetTrainer_budget", b, self.selftrain_id + seed))
+        out.append(Arm("sup_2B", "nnUNetTrainer_budget", 2 * b, self.dataset))
+        if self.full_dataset is not None:
+            out.append(Arm("full", "nnUNetTrainer_budget", 2 * b, self.full_dataset))
+        out.append(Arm("onerun", "nnUNetTrainerSSS_noSAM", b + s, self.dataset, None,
+                       (("nnUNet_sss_unsup_warmup_fraction", f"{b / (b + s):.6f}"),)))
+        return [a for a in out if self.arms_wanted is None or a.label.split("_lr")[0] in self.arms_wanted
+                or a.label in self.arms_wanted]
+
+
+class Runner:
+    def __init__(self, p: Protocol, work: Path, base: dict[str, str], seeds: list[int], device: str):
+        self.p, self.work, self.base, self.seeds, self.device = p, work, base, seeds, device
+        self.commit = bl.git_commit()
+
+    def run_of(self, arm: Arm, seed: int) -> bl.Run:
+        return bl.Run(arm.label, arm.dataset, arm.trainer, seed, arm.iterations, self.p.configuration)
+
+    def arm(self, label: str, seed: int) -> Arm:
+        return next(a for a in self.p.arms(seed, seed == self.seeds[0]) if a.label == label)
+
+    def train(self, arm: Arm, seed: int) -> None:
+        r = self.run_of(arm, seed)
+        extra = dict(arm.env)
+        if arm.warm_from is not None:
+            teacher = self.arm(arm.warm_from, seed)
+            self.train(teacher, seed)
+            extra["nnUNet_sss_init_checkpoint"] = str(self.run_of(teacher, seed).fold_dir(self.work) /
+                                                      "checkpoint_final.pth")
+        if arm.label == "selftrain":
+            self.prepare_selftrain(seed)
+        with self.p.locks[r.name]:
+            bl.train(r, self.base, self.work, self.device, snapshot_every=max(1, r.iterations // 50 // 5),
+                     extra_env=extra, commit=self.commit)
+
+    def prepare_selftrain(self, seed: int) -> None:
+        teacher = self.run_of(self.arm("sup", seed), seed)
+        new_id = self.p.selftrain_id + seed
+        raw = bl.raw_folder(self.base, self.p.dataset)
+        with self.p.locks[f"selftrain_{seed}"]:
+            bl.build_self_training_dataset(teacher, self.base, self.work, raw, new_id,
+                                           f"SelfTrain{self.p.dataset}s{seed}", self.device)
+            bl.prepare_copied_plans(self.p.dataset, new_id, self.p.configuration, self.base, self.work, 2,
+                                    f".planned_{new_id}")
+
+    def score(self, arm: Arm, seed: int, split: str, checkpoint: str = "checkpoint_final.pth") -> dict:
+        r = self.run_of(arm, seed)
+        images, labels = ((self.p.test_images, self.p.test_labels) if split == "test"
+                          else (self.p.val_images, self.p.val_labels))
+        tag = f"{split}_{r.label}_s{seed}_it{r.iterations}_{Path(checkpoint).stem}"
+        ds_json = bl.raw_folder(self.base, self.p.dataset) / "dataset.json"
+        pred = bl.predict_in_process(r.fold_dir(self.work), checkpoint, images, labels, self.work / "predictions" / tag,
+                                     ds_json, self.device, THRESHOLDS if split == "val" else ())
+        return bl.evaluate(labels, pred, ds_json, self.work / "evaluation" / tag)
+
+    def train_and_score(self, arm: Arm, seed: int) -> None:
+        self.train(arm, seed)
+        if arm.test:
+            self.score(arm, seed, "test")
+        if self.p.val_labels is not None and seed == self.seeds[0]:
+            r = self.run_of(arm, seed)
+            cks = [ck for _, ck in bl.snapshots(r, self.work)] if arm.label != "sup_long" else ["checkpoint_final.pth"]
+            for ck in cks:
+                self.score(arm, seed, "val", ck)
+
+    def total_seconds(self, arm: Arm, seed: int, checkpoint: str = "checkpoint_final.pth") -> float:
+        """Training time up to ``checkpoint`` plus that of the supervised model it starts from (or learns from)."""
+        t = bl.training_seconds(self.run_of(arm, seed).fold_dir(self.work) / checkpoint)
+        if arm.warm_from is not None or arm.label == "selftrain":
+            sup = self.arm("sup", seed)
+            t += bl.training_seconds(self.run_of(sup, seed).fold_dir(self.work) / "checkpoint_final.pth")
+        return t
+
+    def run_all(self, jobs: int) -> None:
+        order = [(a, s) for s in self.seeds for a in self.p.arms(s, s == self.seeds[0])]
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            for f in [pool.submit(self.train_and_score, a, s) for a, s in order]:
+                f.result()
+
+
+def report(rn: Runner, title: str) -> dict:
+    p, work = rn.p, rn.work
+    ds_json = json.loads((bl.raw_folder(rn.base, p.dataset) / "dataset.json").read_text())
+    classes = {str(v): k for k, v in ds_json["labels"].items() if int(v) > 0}
+    res = {"title": title, "configuration": p.configuration, "sup_iterations": p.sup_iterations,
+           "semi_iterations": p.semi_iterations, "seeds": rn.seeds, "machine": bl.machine_line(rn.device),
+           "commit_of_report": rn.commit, "arms": {}, "curves": {}, "diagnostics": {}}
+    labels_seen = []
+    for s in rn.seeds:
+        for a in p.arms(s, s == rn.seeds[0]):
+            if a.label not in labels_seen:
+                labels_seen.append(a.label)
+    for label in labels_seen:
+        done = [(rn.arm(label, s), s) for s in rn.seeds if any(a.label == label for a in p.arms(s, s == rn.seeds[0]))]
+        done = [(a, s) for a, s in done if (rn.run_of(a, s).fold_dir(work) / "checkpoint_final.pth").exists()]
+        if not done:
+            continue
+        a0 = done[0][0]
+        entry = {"trainer": a0.trainer, "iterations": a0.iterations, "warm_from": a0.warm_from, "seeds": [],
+                 "train_min_total": [], "commits": []}
+        for a, s in done:
+            entry["seeds"].append(s)
+            entry["train_min_total"].append(rn.total_seconds(a, s) / 60)
+            entry["commits"].append(bl.run_commit(rn.run_of(a, s).fold_dir(work)))
+            if a.test:
+                summ = rn.score(a, s, "test")
+                for c, n in classes.items():
+                    entry.setdefault("dice", {}).setdefault(n, []).append(bl.fg_dice(summ, c))
+                    entry.setdefault("hd95", {}).setdefault(n, []).append(bl.fg_hd95(summ, c))
+                entry.setdefault("dice", {}).setdefault("mean", []).append(bl.fg_dice(summ))
+                entry.setdefault("hd95", {}).setdefault("mean", []).append(bl.fg_hd95(summ))
+        if p.val_labels is not None and done[0][1] == rn.seeds[0]:
+            a, s = done[0]
+            r = rn.run_of(a, s)
+            cks = bl.snapshots(r, work) if label != "sup_long" else [(r.iterations, "checkpoint_final.pth")]
+            curve = []
+            for it, ck in cks:
+                summ = rn.score(a, s, "val", ck)
+                tag = f"val_{r.label}_s{s}_it{r.iterations}_{Path(ck).stem}"
+                diag = json.loads((work / "predictions" / tag / "diagnostics.json").read_text())
+                curve.append({"iterations": it, "total_min": rn.total_seconds(a, s, ck) / 60,
+                              "dice": bl.fg_dice(summ), "diagnostics": diag})
+            res["curves"][label] = curve
+        res["arms"][label] = entry
+    arms = res["arms"]
+
+    def m(label: str) -> float | None:
+        return float(np.mean(arms[label]["dice"]["mean"])) if label in arms and "dice" in arms[label] else None
+
+    sup, full = m("sup"), m("full")
+    for label, e in arms.items():
+        e["gap_closure"] = ((m(label) - sup) / (full - sup)) if (sup is not None and full is not None and
+                                                                 "dice" in e and full != sup) else None
+    write_report(res, classes, work)
+    return res
+
+
+def write_report(res: dict, classes: dict[str, str], work: Path) -> None:
+    names = list(classes.values())
+    lines = [f"{res['title']}; configuration `{res['configuration']}`, B = {res['sup_iterations']} supervised "
+             f"iterations, S = {res['semi_iterations']} semi-supervised iterations; final checkpoints, no TTA; "
+             f"mean ± std over seeds; training minutes include the supervised stage an arm starts from; machine: "
+             f"{res['machine']}.", "",
+             "| arm | trainer | iterations | from | seeds | " + " | ".join(f"{n} Dice" for n in names)
+             + " | mean Dice | mean HD95 | gap closure | total training min |",
+             "|---|---|---|---|---|" + "---|" * len(names) + "---|---|---|---|"]
+    for label, e in res["arms"].items():
+        if "dice" not in e:
+            continue
+        gc = e["gap_closure"]
+        lines.append(f"| {label} | {e['trainer']} | {e['iterations']} | {e['warm_from'] or '—'} | {len(e['seeds'])} | "
+                     + " | ".join(bl.fmt(e["dice"][n]) for n in names) + f" | {bl.fmt(e['dice']['mean'])} | "
+                     + f"{bl.fmt(e['hd95']['mean'], 2)} | {'—' if gc is None else f'{gc:.2f}'} | "
+                     + f"{bl.fmt(e['train_min_total'], 1)} |")
+    if res["curves"]:
+        lines += ["", f"Validation cases, seed {res['seeds'][0]} (learning curves; pseudo-label diagnostics at τ = "
+                  "0.95 per class: share of the pixels predicted as the class that are confident / precision of "
+                  "those confident pixels / share of the structure's pixels confidently called background):", "",
+                  "| run | iterations | total min | val mean Dice | " + " | ".join(names) + " |",
+                  "|---|---|---|---|" + "---|" * len(names)]
+        for label, curve in res["curves"].items():
+            for pt in curve:
+                cells = []
+                for n in names:
+                    d = pt["diagnostics"][n]["0.95"]
+                    cells.append(" / ".join("–" if d[k] is None else f"{d[k]:.2f}" for k in
+                                            ("confident_share", "confident_precision", "confident_background")))
+                lines.append(f"| {label} | {pt['iterations']} | {pt['total_min']:.1f} | {pt['dice']:.3f} | "
+                             + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    bl.write_atomic(work / "results.md", text)
+    bl.write_atomic(work / "results.json", json.dumps(res, indent=1))
+    plot(res, work / "results.png")
+    print("\n" + text, flush=True)
+
+
+def plot(res: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    ax = axes[0]
+    for label, e in res["arms"].items():
+        if "dice" in e:
+            ax.scatter(e["train_min_total"], e["dice"]["mean"], label=label)
+    ax.set_xlabel("total training time (min; supervised stage included)")
+    ax.set_ylabel("test mean Dice (final checkpoint)")
+    ax.set_title("test Dice against total training time (each point one seed)")
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    for label, curve in res["curves"].items():
+        ax.plot([p["total_min"] for p in curve], [p["dice"] for p in curve], marker=".", label=label)
+    ax.set_xlabel("total training time (min)")
+    ax.set_ylabel("validation mean Dice (snapshots)")
+    ax.set_title(f"learning curves, seed {res['seeds'][0]}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    bl.save_figure(fig, out)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--sup-iterations", type=int, required=True, help="B: the supervised stage")
+    p.add_argument("--semi-iterations", type=int, required=True, help="S: the semi-supervised stage")
+    p.add_argument("--long-factor", type=float, default=5.0,
+                   help="sup_long trains this x S iterations (a semi iteration costs about 4-5 supervised ones)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--arms", nargs="*", default=None, help="only these arms (e.g. sup sss_ws selftrain)")
+    p.add_argument("--jobs", type=int, default=2, help="training runs at once (one torch thread each when > 1)")
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--device", default="cpu")
+
+
+def run_protocol(p: Protocol, a: argparse.Namespace, base: dict[str, str], title: str) -> dict:
+    rn = Runner(p, a.work.resolve(), base, a.seeds, a.device)
+    t0 = time.time()
+    if not a.report_only:
+        rn.run_all(a.jobs)
+    res = report(rn, title)
+    print(f"wall time of this invocation: {(time.time() - t0) / 60:.1f} min", flush=True)
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-d", type=int, required=True, help="dataset id (planned, preprocessed, with imagesUnlabeled)")
+    p.add_argument("-c", required=True, help="configuration")
+    p.add_argument("--test-images", type=Path, required=True)
+    p.add_argument("--test-labels", type=Path, required=True)
+    p.add_argument("--val-images", type=Path)
+    p.add_argument("--val-labels", type=Path)
+    p.add_argument("--full-dataset", type=int, help="all-labeled reference dataset id (same plans)")
+    p.add_argument("--selftrain-id", type=int, help="first free dataset id for the self-training datasets (+seed)")
+    add_arguments(p)
+    a = p.parse_args()
+    base = bl.bench_env(a.work.resolve(), a.jobs)
+    prot = Protocol(a.d, a.c, a.test_images, a.test_labels, a.sup_iterations, a.semi_iterations, a.long_factor,
+                    a.full_dataset, a.val_images, a.val_labels, a.selftrain_id,
+                    arms_wanted=tuple(a.arms) if a.arms else None)
+    run_protocol(prot, a, base, f"Dataset{a.d:03d}")
+
+
+if __name__ == "__main__":
+    main()
