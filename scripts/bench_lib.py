@@ -271,8 +271,12 @@ def training_seconds(checkpoint: Path) -> float:
     """Seconds of training up to a checkpoint, from nnU-Net's own epoch timestamps stored in it."""
     ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
     log = ck["logging"]
-    n = min(len(log["epoch_start_timestamps"]), len(log["epoch_end_timestamps"]))
-    return float(sum(e - s for s, e in zip(log["epoch_start_timestamps"][:n], log["epoch_end_timestamps"][:n])))
+    starts, ends = log["epoch_start_timestamps"], log["epoch_end_timestamps"]
+    n = min(len(starts), len(ends))
+    t = float(sum(e - s for s, e in zip(starts[:n], ends[:n])))
+    if len(starts) > n:  # a snapshot is written before nnU-Net logs its epoch's end: the file's time is that end
+        t += max(0.0, checkpoint.stat().st_mtime - starts[n])
+    return t
 
 
 def evaluate(gt: Path, pred: Path, dataset_json: Path, out: Path) -> dict:

@@ -72,21 +72,21 @@ class Protocol:
     locks: defaultdict = field(default_factory=lambda: defaultdict(threading.Lock))
 
     def arms(self, seed: int, first_seed: bool) -> list[Arm]:
-        """In priority order: what the verdict needs first, the plateau check and references after."""
+        """In priority order: what the verdict needs first, the references and the plateau check after."""
         b, s = self.sup_iterations, self.semi_iterations
         long_it = max(50, int(round(self.long_factor * s / 50)) * 50)
         out = [Arm("sup", "nnUNetTrainer_budget", b, self.dataset),
                Arm("sss_ws", "nnUNetTrainerSSS_noSAM", s, self.dataset, "sup"),
-               Arm("sup_long", "nnUNetTrainer_budget", long_it, self.dataset, "sup"),
-               Arm("unimatch_ws", "nnUNetTrainerUniMatch", s, self.dataset, "sup")]
+               Arm("sup_long", "nnUNetTrainer_budget", long_it, self.dataset, "sup")]
+        if self.selftrain_id is not None:
+            out.append(Arm("selftrain", "nnUNetTrainer_budget", b, self.selftrain_id + seed))
         if first_seed and self.val_labels is not None:
             out += [Arm(f"tune_sss_ws_lr{lr:g}", "nnUNetTrainerSSS_noSAM", s, self.dataset, "sup",
                         (("nnUNet_sss_warm_start_lr", str(lr)),), test=False) for lr in self.tune_lrs]
-        if self.selftrain_id is not None:
-            out.append(Arm("selftrain", "nnUNetTrainer_budget", b, self.selftrain_id + seed))
-        out.append(Arm("sup_2B", "nnUNetTrainer_budget", 2 * b, self.dataset))
         if self.full_dataset is not None:
             out.append(Arm("full", "nnUNetTrainer_budget", 2 * b, self.full_dataset))
+        out += [Arm("sup_2B", "nnUNetTrainer_budget", 2 * b, self.dataset),
+                Arm("unimatch_ws", "nnUNetTrainerUniMatch", s, self.dataset, "sup")]
         out.append(Arm("onerun", "nnUNetTrainerSSS_noSAM", b + s, self.dataset, None,
                        (("nnUNet_sss_unsup_warmup_fraction", f"{b / (b + s):.6f}"),)))
         return [a for a in out if self.arms_wanted is None or a.label.split("_lr")[0] in self.arms_wanted
@@ -157,7 +157,11 @@ class Runner:
         return t
 
     def run_all(self, jobs: int) -> None:
-        order = [(a, s) for s in self.seeds for a in self.p.arms(s, s == self.seeds[0])]
+        """Every seed's supervised model first (the others start from it), then the arms in the protocol's priority
+        order across seeds, so an interrupted benchmark holds the comparisons that matter most."""
+        arms = {s: self.p.arms(s, s == self.seeds[0]) for s in self.seeds}
+        labels = list(dict.fromkeys(a.label for s in self.seeds for a in arms[s]))
+        order = [(a, s) for lab in labels for s in self.seeds for a in arms[s] if a.label == lab]
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             for f in [pool.submit(self.train_and_score, a, s) for a, s in order]:
                 f.result()

@@ -60,6 +60,7 @@ def _trainer(global_batch: int, cpu_ddp: bool = False):
     from nnunetv2.run.run_training import get_trainer_from_args
 
     t = get_trainer_from_args(str(DATASET_ID), "2d", 0, TRAINER, device=torch.device("cpu"))
+    t.unsup_warmup_fraction = 0.0  # the semi-supervised step itself (tests/test_warm_start.py: the warm-up)
     t.configuration_manager.configuration["batch_size"] = global_batch
     t.device, t.grad_scaler = torch.device("cpu"), None  # nnU-Net sets cuda:<rank> under DDP
     if cpu_ddp:

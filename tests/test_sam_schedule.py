@@ -41,15 +41,20 @@ def test_every_run_of_two_or_more_epochs_refreshes_at_the_printed_epochs(cls: ty
         assert due[0] == s.warmup - 1 and due[-1] < n - 1  # never after the last epoch: nothing would train on it
         assert all(b - a == s.every for a, b in zip(due, due[1:]))
         assert n - 1 - due[-1] <= s.every  # refreshes continue to the end of the run
-        assert s.warmup == max(1, int(0.1 * n + 0.5)) and s.every == max(1, int(0.05 * n + 0.5))
+        # SAM-2's warm-up counts from the end of the supervised warm-up (0.2 of a run from scratch)
+        assert s.warmup == max(1, int((0.1 + 0.2) * n + 0.5)) and s.every == max(1, int(0.05 * n + 0.5))
 
 
 def test_default_schedule_for_nnunet_length_and_for_a_30_epoch_budget() -> None:
-    s = _bare(nnUNetTrainerSSS, 1000).sam_schedule()
+    warm = _bare(nnUNetTrainerSSS, 1000)
+    warm.init_checkpoint_file = "supervised.pth"  # warm-started: no supervised warm-up inside the run
+    s = warm.sam_schedule()
     assert (s.warmup, s.every, s.rampup) == (100, 50, 100)
     assert list(s.refresh_epochs) == list(range(99, 999, 50))  # the former absolute defaults, unchanged at 1000
-    s30 = _bare(nnUNetTrainerSSS, 30).sam_schedule()  # the benchmark budget: was never refreshed before
-    assert (s30.warmup, s30.every, s30.rampup) == (3, 2, 3) and list(s30.refresh_epochs) == list(range(2, 29, 2))
+    s = _bare(nnUNetTrainerSSS, 1000).sam_schedule()  # from scratch: first 200 epochs supervised, then SAM's 100
+    assert (s.warmup, s.every, s.rampup) == (300, 50, 100) and list(s.refresh_epochs) == list(range(299, 999, 50))
+    s30 = _bare(nnUNetTrainerSSS, 30).sam_schedule()
+    assert (s30.warmup, s30.every, s30.rampup) == (9, 2, 3) and list(s30.refresh_epochs) == list(range(8, 29, 2))
 
 
 def test_no_refresh_possible_for_one_epoch_or_a_too_long_warmup() -> None:
@@ -63,12 +68,12 @@ def test_short_variants_and_weight_ramp() -> None:
     assert _bare(nnUNetTrainerSSS_smoke, 2).sam_schedule().refresh_epochs == (0,)
     t = _bare(nnUNetTrainerSemiSAM_5epochs, 5)
     s = t.sam_schedule()
-    assert (s.warmup, s.every, s.rampup, s.refresh_epochs) == (2, 1, 2, (1, 2, 3))
+    assert (s.warmup, s.every, s.rampup, s.refresh_epochs) == (3, 1, 2, (2, 3))  # after 1 supervised epoch
     t.sam_last_refresh_epoch, weights = 1, []
     for e in range(5):
         t.current_epoch = e
         weights.append(t.sam_loss_weight())
-    assert weights == [0.0, 0.0, 0.5 * t.lambda_sam, t.lambda_sam, t.lambda_sam]
+    assert weights == [0.0, 0.0, 0.0, 0.5 * t.lambda_sam, t.lambda_sam]
     t.sam_last_refresh_epoch = None  # no refresh in this run yet: stale maps never count
     assert t.sam_loss_weight() == 0.0
 

@@ -379,7 +379,7 @@ def test_schedule_rotation_and_checkpoint_state(planned, monkeypatch: pytest.Mon
 
     preprocess_unlabeled(DATASET_ID, "2d", num_processes=1)
     t = _trainer("nnUNetTrainerSSS_5epochs")
-    t.num_epochs, t.lambda_sam = 10, 0.5
+    t.num_epochs, t.lambda_sam, t.unsup_warmup_fraction = 10, 0.5, 0.0  # SAM-2's own schedule only
     t.sam_warmup_fraction, t.sam_refresh_every_fraction, t.sam_rampup_fraction = 0.3, 0.2, 0.4  # 3, 2, 4 epochs
     assert [e for e in range(10) if t.sam_refresh_due(e)] == [2, 4, 6, 8]
     t.current_epoch = 5

@@ -49,6 +49,7 @@ def _trainer():
     from nnunetv2.run.run_training import get_trainer_from_args
 
     t = get_trainer_from_args(str(DATASET_ID), "2d", 0, TRAINER, device=torch.device("cpu"))
+    t.unsup_warmup_fraction = 0.0  # the semi-supervised step itself (tests/test_warm_start.py: the warm-up)
     t.configuration_manager.configuration["batch_size"] = 2
     t.initialize()
     t.confidence_threshold = 0.0  # an untrained network is never confident: make every pixel a pseudo-label

@@ -139,9 +139,8 @@ class SAMRefreshMixin:
     def sam_schedule(self) -> SAMSchedule:
         """This run's refresh schedule, from ``num_epochs`` as it is now (budget env vars and variants applied); the
         SAM-2 warm-up counts from the end of the supervised warm-up of a run from scratch."""
-        warmup = self.sam_warmup_fraction + self.supervised_warmup_steps() / max(
-            1, self.num_epochs * self.num_iterations_per_epoch)
-        return SAMSchedule.from_fractions(self.num_epochs, min(1.0, warmup), self.sam_refresh_every_fraction,
+        warmup = min(1.0, self.sam_warmup_fraction + self.supervised_warmup_fraction())
+        return SAMSchedule.from_fractions(self.num_epochs, warmup, self.sam_refresh_every_fraction,
                                           self.sam_rampup_fraction)
 
     def check_sam_schedule(self) -> None:
@@ -429,6 +428,7 @@ class _SAMSmoke(ShortRun):
     """A few iterations, a refresh after epoch 0 on 2 cases at SAM size 256: checks the pipeline, learns nothing."""
 
     short_epochs, short_iterations, short_val_iterations = 2, 3, 2
+    unsup_warmup_fraction = 0.0  # plumbing: every step semi-supervised (the warm-up has tests of its own)
     sam_image_size = 256
     sam_warmup_fraction = 0.0  # warm-up of 1 epoch (the minimum): refresh at the end of epoch 0
     sam_refresh_every_fraction = 0.0  # every epoch
@@ -437,7 +437,8 @@ class _SAMSmoke(ShortRun):
 
 
 class _SAM5Epochs(ShortRun):
-    """5 epochs; SAM-2 maps from the end of epoch 1 on (refreshes after epochs 1, 2, 3), full weight from epoch 3."""
+    """5 epochs: 1 supervised, SAM-2 maps from the end of epoch 2 on (refreshes after epochs 2 and 3), full weight
+    from epoch 4."""
 
     short_epochs = 5
     sam_warmup_fraction = 0.4

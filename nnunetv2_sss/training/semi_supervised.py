@@ -287,11 +287,15 @@ class nnUNetTrainerUniMatch(RunSettingsMixin, nnUNetTrainer):
         """Weight of the SAM-2 term this epoch (subclasses ramp it); 0 disables it."""
         return 0.0
 
+    def supervised_warmup_fraction(self) -> float:
+        """Share of the run trained supervised only: ``unsup_warmup_fraction`` from scratch, 0 when warm-started."""
+        if getattr(self, "init_checkpoint_file", None) is not None:
+            return 0.0
+        return min(1.0, max(0.0, self.unsup_warmup_fraction))
+
     def supervised_warmup_steps(self) -> int:
-        """Iterations trained supervised only at the start of a run from scratch (0 when warm-started)."""
-        if getattr(self, "warm_started", False) or self.unsup_warmup_fraction <= 0:
-            return 0
-        return round(self.num_epochs * self.num_iterations_per_epoch * self.unsup_warmup_fraction)
+        """Iterations trained supervised only at the start of the run (no unlabeled batch drawn)."""
+        return round(self.num_epochs * self.num_iterations_per_epoch * self.supervised_warmup_fraction())
 
     def unsupervised_rampup(self) -> float:
         """Sigmoid ramp of the unsupervised weights over ``unsup_rampup_fraction`` of the run, from the end of the

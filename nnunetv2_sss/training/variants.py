@@ -45,6 +45,7 @@ class nnUNetTrainerSSS_noSAM_smoke(ShortRun, nnUNetTrainerSSS_noSAM):
     """A few iterations only: checks the whole pipeline (tests, CI), learns nothing."""
 
     short_epochs, short_iterations, short_val_iterations = 2, 3, 2
+    unsup_warmup_fraction = 0.0  # plumbing: every step semi-supervised (the warm-up has tests of its own)
 
 
 class nnUNetTrainerSSS_noSAM_demo(ShortRun, nnUNetTrainerSSS_noSAM):
