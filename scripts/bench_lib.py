@@ -305,11 +305,11 @@ def build_self_training_dataset(teacher: Run, base: dict[str, str], work: Path, 
     images; a new raw dataset holds the labeled cases plus the pseudo-labeled ones as ordinary training cases."""
     from nnunetv2_sss.datasets.label_budget import staged_raw_dataset, write_json
 
-    marker = work / f".selftrain_{new_id}"
+    marker = work / f".selftrain_{new_id}_{teacher.name}_it{teacher.iterations}"  # a new teacher rebuilds it
     if not todo(marker, f"self-training dataset {new_id} from {teacher.name}"):
         return
     pseudo = predict(teacher, base, work, source_raw / "imagesUnlabeled", work / "predictions" /
-                     f"unlabeled_{teacher.name}", device)
+                     f"unlabeled_{teacher.name}_it{teacher.iterations}", device)
     ds = json.loads((source_raw / "dataset.json").read_text())
     ending = ds["file_ending"]
     with staged_raw_dataset(new_id, name, overwrite=True) as tmp:

@@ -126,7 +126,7 @@ class Runner:
             bl.build_self_training_dataset(teacher, self.base, self.work, raw, new_id,
                                            f"SelfTrain{self.p.dataset}s{seed}", self.device)
             bl.prepare_copied_plans(self.p.dataset, new_id, self.p.configuration, self.base, self.work, 2,
-                                    f".planned_{new_id}")
+                                    f".planned_{new_id}_{teacher.name}_it{teacher.iterations}")
 
     def score(self, arm: Arm, seed: int, split: str, checkpoint: str = "checkpoint_final.pth") -> dict:
         r = self.run_of(arm, seed)
