@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -81,6 +83,17 @@ def install_user_error_hook() -> None:
     sys.excepthook = hook
 
 
+def entry_point(entry: Callable[[], None]) -> Callable[[], None]:
+    """A console command: our input errors end as one message (the hook is installed where the program starts)."""
+    @functools.wraps(entry)
+    def run() -> None:
+        install_user_error_hook()
+        entry()
+
+    return run
+
+
+@entry_point
 def env_entry() -> None:
     """Print the shell line that makes stock nnU-Net commands find the SSS trainers."""
     argparse.ArgumentParser(description="Print 'export nnUNet_extTrainer=...' so that stock nnUNetv2_train and "
@@ -89,16 +102,17 @@ def env_entry() -> None:
     print(f"export nnUNet_extTrainer={ensure_ext_trainer_env()}")
 
 
+@entry_point
 def train_entry() -> None:
     """``nnUNetv2_train`` with ``nnUNet_extTrainer`` set; every argument goes to nnU-Net unchanged."""
     ensure_ext_trainer_env()
-    install_user_error_hook()
     from nnunetv2.run.run_training import run_training_entry
 
     sys.argv[0] = "nnUNetv2_train"
     run_training_entry()
 
 
+@entry_point
 def preprocess_unlabeled_entry() -> None:
     parser = argparse.ArgumentParser(
         description="Preprocess nnUNet_raw/DatasetXXX/imagesUnlabeled with the dataset's own plans and nnU-Net's own "
@@ -116,6 +130,7 @@ def preprocess_unlabeled_entry() -> None:
         print(f"unlabeled cases for configuration {c}: {out}")
 
 
+@entry_point
 def evaluate_entry() -> None:
     """``nnUNetv2_sss_evaluate GT_DIR PRED_DIR``: Dice / HD95 / ASD per case and class, with spacing from the files."""
     parser = argparse.ArgumentParser(
@@ -146,6 +161,7 @@ def evaluate_entry() -> None:
     print(f"results: {out}")
 
 
+@entry_point
 def cache_sam2_entry() -> None:
     """Encode every preprocessed unlabeled slice with SAM-2 once, so pseudo-label refreshes only decode prompts."""
     parser = argparse.ArgumentParser(
@@ -181,6 +197,7 @@ def cache_sam2_entry() -> None:
     print(f"SAM-2 cache ({backend.config_name}, {backend.image_size}px): {out}")
 
 
+@entry_point
 def add_config_entry() -> None:
     parser = argparse.ArgumentParser(
         description="Add a smaller configuration to a dataset's plans (nnU-Net 'inherits_from'), e.g. for CPU "
@@ -211,6 +228,7 @@ def add_config_entry() -> None:
         print(f"It reuses the preprocessed data of '{args.parent}'.")
 
 
+@entry_point
 def make_synthetic_entry() -> None:
     """``nnUNetv2_sss_make_synthetic``: the generated cardiac-like dataset, so a demo needs no download."""
     parser = argparse.ArgumentParser(
@@ -237,6 +255,7 @@ def make_synthetic_entry() -> None:
     print(f"synthetic dataset: {out}")
 
 
+@entry_point
 def label_budget_entry() -> None:
     """``nnUNetv2_sss_label_budget``: a copy of a raw dataset where only some cases (or patients) keep labels."""
     parser = argparse.ArgumentParser(
@@ -266,6 +285,7 @@ def label_budget_entry() -> None:
     print(f"label-budget dataset: {out}")
 
 
+@entry_point
 def convert_acdc_entry() -> None:
     """``nnUNetv2_sss_convert_acdc``: SSL4MIS-style ACDC HDF5 -> nnU-Net raw with a standard low-label split."""
     parser = argparse.ArgumentParser(

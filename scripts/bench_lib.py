@@ -187,20 +187,18 @@ def predict_in_process(fold: Path, checkpoint: str, images: Path, labels: Path, 
     if (out / ".done").exists() and (out / ".done").read_text() == stamp:
         return out
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     ds = json.loads(dataset_json.read_text())
     ending = ds["file_ending"]
     classes = {int(v): k for k, v in ds["labels"].items() if int(v) > 0}
     n_ch = len(ds["channel_names"])
     print(f"[....] predict {fold.parent.parent.parent.name} {checkpoint} -> {out.name}", flush=True)
-    shutil.rmtree(out, ignore_errors=True)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, device=torch.device(device),
-                                verbose=False, verbose_preprocessing=False, allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(str(fold.parent), ("all",), checkpoint)
+    from nnunetv2_sss.evaluation.prediction import predictor_from_checkpoint
+
+    predictor = predictor_from_checkpoint(fold / checkpoint, device)
     io = SimpleITKIO()
     counts = {c: {t: np.zeros(5) for t in thresholds} for c in classes}  # pred, pred&conf, tp&conf, gt, gt->bg&conf
     for lab in sorted(labels.glob(f"*{ending}")):
@@ -229,7 +227,9 @@ def predict_in_process(fold: Path, checkpoint: str, images: Path, labels: Path, 
                 for c in classes}
         (tmp / "diagnostics.json").write_text(json.dumps(diag, indent=1))
     (tmp / ".done").write_text(stamp)
-    os.replace(tmp, out)
+    from nnunetv2_sss.files import replace_folder
+
+    replace_folder(tmp, out)
     return out
 
 
@@ -242,9 +242,9 @@ def fg_hd95(s: dict, cls: str | None = None) -> float:
 
 
 def save_figure(fig, out: Path) -> None:
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, out)
+    from nnunetv2_sss.files import save_figure as save
+
+    save(fig, out, dpi=110)
 
 
 def predict(r: Run, base: dict[str, str], work: Path, images: Path, out: Path, device: str,
@@ -294,9 +294,9 @@ def link_case(src: Path, dst: Path) -> None:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from nnunetv2_sss.files import atomic_write_text
+
+    atomic_write_text(path, text)
 
 
 def build_self_training_dataset(teacher: Run, base: dict[str, str], work: Path, source_raw: Path, new_id: int,

@@ -126,10 +126,10 @@ def main() -> None:
         print(f"| {r['trainer']} | {r['batch_size']} | {r['unlabeled_batch_size']} | {r['s_per_it_median']:.3f} | "
               f"{r['ratio_vs_first']:.2f} | {r['peak_memory_mib']:.0f} ({r['memory_kind']}) |")
     if a.out:
-        tmp = a.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"machine": machine, "dataset": a.d, "configuration": a.c, "results": results},
-                                  indent=1))
-        os.replace(tmp, a.out)
+        from nnunetv2_sss.files import atomic_write_json
+
+        atomic_write_json(a.out, {"machine": machine, "dataset": a.d, "configuration": a.c, "results": results},
+                          indent=1)
 
 
 if __name__ == "__main__":

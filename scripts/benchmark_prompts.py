@@ -21,13 +21,12 @@ and ``prompt_quality.png`` to ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
+from nnunetv2_sss.files import atomic_write_json, save_figure
 from nnunetv2_sss.sam.pcsw import (
     PCSWConfig,
     SlicePrompt,
@@ -89,19 +88,13 @@ def _finish(acc: dict) -> dict:
 
 def evaluate_checkpoint(checkpoint: Path, cases: list[tuple[Path, Path]], config: PCSWConfig, limits, device: str
                         ) -> dict:
-    import torch
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     from nnunetv2_sss.cli import ensure_ext_trainer_env
+    from nnunetv2_sss.evaluation.prediction import predictor_from_checkpoint
 
     ensure_ext_trainer_env()  # this package's trainers are found by name, as nnUNetv2_predict finds them
-    fold_dir = checkpoint.parent
-    fold = fold_dir.name.split("_", 1)[1]
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, device=torch.device(device),
-                                verbose=False, verbose_preprocessing=False, allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(str(fold_dir.parent), (fold if fold == "all" else int(fold),),
-                                                   checkpoint.name)
+    predictor = predictor_from_checkpoint(checkpoint, device)
     labels = [int(c) for c in predictor.label_manager.foreground_labels]
     accs = {m: _new_acc() for m in METHODS}
     for m in METHODS:
@@ -139,9 +132,7 @@ def _fmt(v: float | None) -> str:
 
 def write_outputs(results: dict, out: Path, meta: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f"prompt_quality.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    os.replace(tmp, out / "prompt_quality.json")
+    atomic_write_json(out / "prompt_quality.json", {"meta": meta, "results": results}, indent=1)
     lines = ["| checkpoint | method | class | prompts | rejected (reason=n) | box IoU | pos. in GT | neg. outside GT "
              "| GT slices spanned |", "|---|---|---|---|---|---|---|---|---|"]
     for ck, per_method in results.items():
@@ -173,9 +164,7 @@ def write_outputs(results: dict, out: Path, meta: dict) -> None:
             ax.set_title(f"class {c}: {title}", fontsize=9)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    tmp = out / f"prompt_quality.{os.getpid()}.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, out / "prompt_quality.png")
+    save_figure(fig, out / "prompt_quality.png", dpi=100)
 
 
 def main() -> None:

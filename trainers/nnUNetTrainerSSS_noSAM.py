@@ -1,5 +1,6 @@
 """Shim for nnUNet_extTrainer: re-exports the semi-supervised trainers (no SAM-2 needed)."""
 
+from nnunetv2_sss.cli import install_user_error_hook
 from nnunetv2_sss.training.semi_supervised import (
     nnUNetTrainerSSS_noSAM,
     nnUNetTrainerSSS_noSAM_EMA,
@@ -22,3 +23,6 @@ from nnunetv2_sss.training.variants import (
     nnUNetTrainerUniMatch_ratio025,
     nnUNetTrainerUniMatch_thr090,
 )
+
+# nnU-Net imports this shim when it looks the trainer up: from here on our input errors end as one message
+install_user_error_hook()

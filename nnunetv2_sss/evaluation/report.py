@@ -9,27 +9,14 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from nnunetv2_sss.files import atomic_write
+
 CSV_COLUMNS: tuple[str, ...] = ("case", "class", "dice", "hd95", "asd", "gt_voxels", "pred_voxels", "empty")
 PLOT_METRICS: tuple[tuple[str, str], ...] = (("dice", "Dice"), ("hd95", "HD95"), ("asd", "ASD"))
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, then move it over ``path`` in one step."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:

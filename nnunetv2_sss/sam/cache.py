@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib.metadata import version
@@ -34,16 +33,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from filelock import FileLock, Timeout
 from tqdm import tqdm
 
+from nnunetv2_sss.files import atomic_write, atomic_write_json, exclusive_lock, replace_folder
 from nnunetv2_sss.sam.backend import WINDOW_PERCENTILES, SAM2Backend, to_sam_image, window_bounds
 from nnunetv2_sss.unlabeled.layout import sam2_cache_folder, unlabeled_preprocessed_folder
 
 CACHE_KEY_FILE = "cache_key.json"
 CACHE_FORMAT = 2
 BUILDING_SUFFIX = ".building"
-OLD_SUFFIX = ".old"
 TMP_SUFFIX = ".tmp"
 LOCK_SUFFIX = ".lock"
 _HASH_MEMO: dict[str, dict[str, Any]] = {}
@@ -57,9 +55,7 @@ def _hash_memo_file() -> Path:
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, indent=1, sort_keys=True)
 
 
 def checkpoint_sha256(path: str | Path) -> str:
@@ -157,19 +153,9 @@ def sam2_cache_lock(cache_folder: str | Path, poll_message: bool = True) -> Iter
     An OS-level lock (``filelock``: flock on POSIX, msvcrt on Windows) is released by the kernel when its process
     dies, so a killed build never leaves a lock behind that blocks the next run."""
     lock_file = cache_lock_file(cache_folder)
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(lock_file))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        if poll_message:
-            print(f"SAM-2 cache {cache_folder} is being built by another process (lock {lock_file}): waiting for it",
-                  file=sys.stderr, flush=True)
-        lock.acquire()
-    try:
+    with exclusive_lock(lock_file, f"SAM-2 cache {cache_folder} is being built by another process (lock "
+                                   f"{lock_file}): waiting for it" if poll_message else None):
         yield
-    finally:
-        lock.release()
 
 
 # --- build ---------------------------------------------------------------------------------------------------------
@@ -195,16 +181,6 @@ def _encode_case(data: np.ndarray, backend: SAM2Backend, batch_size: int) -> dic
             dst[start:start + len(images)] = t.detach().to("cpu", torch.float16)
     image_embed, *high = out["parts"]
     return {"image_embed": image_embed, "high_res_feats": high, "bounds": torch.from_numpy(bounds)}
-
-
-def _swap_in(work: Path, final: Path) -> None:
-    """Replace ``final`` by the complete ``work`` folder; the old one is deleted only after the swap."""
-    old = final.with_name(final.name + OLD_SUFFIX)
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    work.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def build_sam2_cache(unlabeled_folder: str | Path, backend: SAM2Backend, plans_identifier: str | None = None,
@@ -260,14 +236,12 @@ def build_sam2_cache(unlabeled_folder: str | Path, backend: SAM2Backend, plans_i
             entry = _encode_case(data, backend, max(1, batch_size))
             entry.update(format=CACHE_FORMAT, identifier=identifier, source_sha256=sha,
                          orig_hw=[int(data.shape[2]), int(data.shape[3])], num_slices=int(data.shape[1]))
-            tmp = target.with_name(f"{target.name}.{os.getpid()}{TMP_SUFFIX}")
-            torch.save(entry, tmp)
-            os.replace(tmp, target)
+            atomic_write(target, lambda tmp, e=entry: torch.save(e, tmp))
             if on_case_done is not None:
                 on_case_done(identifier)
 
         if work != final:
-            _swap_in(work, final)
+            replace_folder(work, final)
     return final
 
 

@@ -25,9 +25,7 @@ Maps are written as nnU-Net writes segmentations (``nnUNetDatasetBlosc2.save_seg
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from nnunetv2_sss.files import atomic_write, atomic_write_json, save_figure
 from nnunetv2_sss.sam.backend import to_sam_image, window_bounds
 from nnunetv2_sss.sam.cache import cached_case_info, load_case_features
 from nnunetv2_sss.sam.pcsw import (
@@ -259,12 +258,10 @@ def write_pseudolabel(unlabeled_folder: str | Path, identifier: str, label_map: 
     arr = np.ascontiguousarray(label_map.astype(_map_dtype(n)))
     folder = _maps_folder(unlabeled_folder, maps_folder)
     folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"{identifier}.b2nd"
-    tmp_trunc = folder / f"{identifier}.{os.getpid()}{TMP_SUFFIX}"
     chunks = (1, *arr.shape[1:])
-    nnUNetDatasetBlosc2.save_seg(arr, str(tmp_trunc), chunks_seg=chunks, blocks_seg=chunks)
-    os.replace(f"{tmp_trunc}.b2nd", final)
-    return final
+    # blosc2 appends '.b2nd' to the name it is given: hand it the temporary name without it
+    return atomic_write(folder / f"{identifier}.b2nd", lambda tmp: nnUNetDatasetBlosc2.save_seg(
+        arr, str(tmp)[:-len(".b2nd")], chunks_seg=chunks, blocks_seg=chunks), suffix=".b2nd")
 
 
 def read_pseudolabel(unlabeled_folder: str | Path, identifier: str,
@@ -358,10 +355,8 @@ def save_overlay(path: str | Path, image: np.ndarray, case: CaseRefresh, z: int,
     ax.set_title(title, fontsize=8)
     ax.axis("off")
     fig.tight_layout()
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}{TMP_SUFFIX}.png")
-    fig.savefig(tmp)
+    save_figure(fig, path)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -479,7 +474,5 @@ def refresh_pseudolabels(backend: SAM2Backend, unlabeled_folder: str | Path, ide
     if overlay_folder is not None:
         out = Path(overlay_folder)
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f"{SUMMARY_FILE}.{os.getpid()}{TMP_SUFFIX}"
-        tmp.write_text(json.dumps(summary.to_dict(), indent=1))
-        os.replace(tmp, out / SUMMARY_FILE)
+        atomic_write_json(out / SUMMARY_FILE, summary.to_dict(), indent=1)
     return summary

@@ -10,16 +10,12 @@ is skipped with a warning in favour of the newest complete one; when there is no
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from nnunetv2_sss.cli import install_user_error_hook
-
-# the trainers import this module: stock nnUNetv2_train then reports our input errors as one message
-install_user_error_hook()
+from nnunetv2_sss.files import atomic_torch_save
 
 SSS_STATE_KEY = "sss_state"
 CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
@@ -27,42 +23,6 @@ CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint
 
 class CheckpointError(RuntimeError):
     """No checkpoint this trainer can resume from; the message says which files were tried and what to do."""
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id runs on this machine (temporary files of dead writers may be removed)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_temporaries(final: Path) -> None:
-    """Delete ``<final>.tmp-<pid>`` left by writers that were killed (their process is gone)."""
-    for f in final.parent.glob(f"{final.name}.tmp-*"):
-        pid = f.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            f.unlink(missing_ok=True)
-
-
-def atomic_torch_save(obj: object, filename: str | Path) -> None:
-    """``torch.save`` to ``<filename>.tmp-<pid>``, fsync, rename: readers see the old file or the new one, whole."""
-    final = Path(filename)
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself survives a power cut
-    finally:
-        os.close(fd)
-    remove_stale_temporaries(final)
 
 
 def save_complete_checkpoint(filename: str | Path, nnunet_save: Callable[[object], None], sss_state: dict) -> None:

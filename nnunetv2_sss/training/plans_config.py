@@ -8,7 +8,6 @@ network architecture is written out in full because nnU-Net merges inherited con
 from __future__ import annotations
 
 import json
-import os
 from copy import deepcopy
 from pathlib import Path
 
@@ -16,6 +15,8 @@ import numpy as np
 from nnunetv2.paths import nnUNet_preprocessed
 from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from nnunetv2_sss.files import atomic_write_text
 
 
 def add_configuration(dataset: str | int, name: str, parent: str = "2d", plans_identifier: str = "nnUNetPlans",
@@ -76,7 +77,5 @@ def add_configuration(dataset: str | int, name: str, parent: str = "2d", plans_i
             config["spacing"] = list(parent_cm.spacing)
     plans["configurations"][name] = config
     PlansManager(plans).get_configuration(name)  # validates the inheritance chain before writing
-    tmp = plans_file.with_name(plans_file.name + ".tmp")
-    tmp.write_text(json.dumps(plans, indent=4))
-    os.replace(tmp, plans_file)
+    atomic_write_text(plans_file, json.dumps(plans, indent=4))
     return plans_file, own_data

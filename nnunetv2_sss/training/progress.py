@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from nnunetv2.training.logging.nnunet_logger import LocalLogger  # noqa: E402
+
+from nnunetv2_sss.files import save_figure  # noqa: E402
 
 
 class SSSLocalLogger(LocalLogger):
@@ -76,7 +77,5 @@ class SSSLocalLogger(LocalLogger):
             ax.set_ylabel(title, fontsize=26)
             ax.tick_params(labelsize=24)
             ax.legend(loc=(0, 1), fontsize=22, ncol=max(1, min(len(keys), 6)))
-        tmp = path.with_name("progress.tmp.png")
-        fig.savefig(tmp)
+        save_figure(fig, path)
         plt.close(fig)
-        os.replace(tmp, path)

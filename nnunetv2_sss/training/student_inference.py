@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from nnunetv2_sss.evaluation.prediction import nnunet_predictor
 from nnunetv2_sss.training.warm_start import unwrap_network
 
 if TYPE_CHECKING:
@@ -46,11 +47,7 @@ def student_inference(trainer: nnUNetTrainer) -> Iterator[None]:
 def make_student_predictor(trainer: nnUNetTrainer, use_mirroring: bool = False,
                            tile_step_size: float = 0.5) -> nnUNetPredictor:
     """nnU-Net's predictor around the trainer's live network, initialised as ``perform_actual_validation`` does."""
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
-    predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
-                                perform_everything_on_device=trainer.device.type == "cuda", device=trainer.device,
-                                verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    predictor = nnunet_predictor(trainer.device, use_mirroring, tile_step_size)
     predictor.manual_initialization(_inference_network(trainer), trainer.plans_manager, trainer.configuration_manager,
                                     None, trainer.dataset_json, trainer.__class__.__name__,
                                     trainer.inference_allowed_mirroring_axes)

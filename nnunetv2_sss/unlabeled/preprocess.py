@@ -8,7 +8,6 @@ ones. A stamp records what the output was made from; a trainer re-runs this when
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import gzip
 import hashlib
 import json
@@ -18,7 +17,6 @@ import shutil
 import struct
 import sys
 import zlib
-from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 
@@ -30,7 +28,7 @@ from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_datas
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from tqdm import tqdm
 
-from nnunetv2_sss.training.checkpoints import pid_alive
+from nnunetv2_sss.files import exclusive_lock, remove_stale, replace_folder
 from nnunetv2_sss.unlabeled.layout import (
     META_FOLDER,
     unlabeled_preprocessed_folder,
@@ -257,33 +255,11 @@ def _preprocess_one(args) -> str:
     return case
 
 
-@contextlib.contextmanager
-def preprocessing_lock(out: Path) -> Iterator[None]:
+def preprocessing_lock(out: Path) -> contextlib.AbstractContextManager[None]:
     """Exclusive lock on ``<out>.lock`` beside the output: folds started together wait for the one that
-    preprocesses instead of writing and renaming the same folder at once (fcntl; the file is never deleted)."""
+    preprocesses instead of writing and renaming the same folder at once."""
     lock_file = out.with_name(out.name + ".lock")
-    with open(lock_file, "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"Waiting for another process that preprocesses {out} (lock {lock_file}) ...", file=sys.stderr,
-                  flush=True)
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def remove_stale_work_folders(out: Path) -> list[Path]:
-    """``<out>.tmp-<pid>`` / ``<out>.old-<pid>`` of interrupted runs whose process is gone (call under the lock)."""
-    removed = []
-    for d in out.parent.glob(f"{out.name}.*-*"):
-        kind, _, pid = d.name[len(out.name) + 1:].partition("-")
-        if kind in ("tmp", "old") and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
-            shutil.rmtree(d, ignore_errors=True)
-            removed.append(d)
-    return removed
+    return exclusive_lock(lock_file, f"Waiting for another process that preprocesses {out} (lock {lock_file}) ...")
 
 
 def preprocess_unlabeled(dataset: str | int, configuration: str, plans_identifier: str = "nnUNetPlans",
@@ -301,7 +277,7 @@ def preprocess_unlabeled(dataset: str | int, configuration: str, plans_identifie
     stamp = _stamp(cases, plans, plans_identifier, configuration, cm)
     stamp_file = unlabeled_stamp_file(out)
     with preprocessing_lock(out):
-        remove_stale_work_folders(out)
+        remove_stale(out)  # work folders of interrupted runs whose process is gone
         if not force and stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
             missing = missing_outputs(out, cases)
             if not missing:
@@ -342,9 +318,4 @@ def _preprocess_all(out: Path, cases: dict[str, list[str]], stamp: dict, pre: Pa
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = out.with_name(f"{out.name}.old-{os.getpid()}")
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-    return out
+    return replace_folder(tmp, out)
