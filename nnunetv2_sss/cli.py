@@ -228,6 +228,24 @@ def add_config_entry() -> None:
         print(f"It reuses the preprocessed data of '{args.parent}'.")
 
 
+def _add_output_dataset_args(parser: argparse.ArgumentParser, name_default: str | None, name_help: str) -> None:
+    parser.add_argument("--name", default=name_default, help=name_help)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset with the new id")
+
+
+def _run_dataset_tool(parser: argparse.ArgumentParser, make: Callable[[argparse.Namespace], Path],
+                      what: str) -> None:
+    """Parse the arguments and write the dataset; a ``DatasetToolError`` (bad input) ends with its message, exit 1."""
+    args = parser.parse_args()
+    from nnunetv2_sss.datasets.label_budget import DatasetToolError
+
+    try:
+        out = make(args)
+    except DatasetToolError as e:
+        parser.exit(1, f"error: {e}\n")
+    print(f"{what}: {out}")
+
+
 @entry_point
 def make_synthetic_entry() -> None:
     """``nnUNetv2_sss_make_synthetic``: the generated cardiac-like dataset, so a demo needs no download."""
@@ -235,24 +253,21 @@ def make_synthetic_entry() -> None:
         description="Write a small synthetic cardiac-like dataset (labels RV/MYO/LV look-alikes, spacing 5x1.5x1.5 "
                     "mm) to nnUNet_raw: imagesTr/labelsTr, imagesUnlabeled, imagesTs/labelsTs.")
     parser.add_argument("-d", "--dataset_id", type=int, default=990, help="dataset id (default: 990)")
-    parser.add_argument("--name", default="SSSSynthetic", help="dataset name (default: SSSSynthetic)")
     parser.add_argument("--n_labeled", type=int, default=6, help="labeled training cases (default: 6)")
     parser.add_argument("--n_unlabeled", type=int, default=16, help="unlabeled cases (default: 16)")
     parser.add_argument("--n_test", type=int, default=6, help="test cases with labels (default: 6)")
     parser.add_argument("--shape", type=int, nargs=3, default=(6, 64, 64), metavar=("Z", "Y", "X"),
                         help="volume shape (default: 6 64 64)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset with this id")
-    args = parser.parse_args()
-    from nnunetv2_sss.datasets.label_budget import DatasetToolError
-    from nnunetv2_sss.datasets.synthetic import make_synthetic_dataset
+    _add_output_dataset_args(parser, "SSSSynthetic", "dataset name (default: SSSSynthetic)")
 
-    try:
-        out = make_synthetic_dataset(args.dataset_id, args.name, args.n_labeled, args.n_unlabeled, args.n_test,
-                                     args.seed, tuple(args.shape), args.overwrite)
-    except DatasetToolError as e:
-        parser.exit(1, f"error: {e}\n")
-    print(f"synthetic dataset: {out}")
+    def make(args: argparse.Namespace) -> Path:
+        from nnunetv2_sss.datasets.synthetic import make_synthetic_dataset
+
+        return make_synthetic_dataset(args.dataset_id, args.name, args.n_labeled, args.n_unlabeled, args.n_test,
+                                      args.seed, tuple(args.shape), args.overwrite)
+
+    _run_dataset_tool(parser, make, "synthetic dataset")
 
 
 @entry_point
@@ -271,18 +286,16 @@ def label_budget_entry() -> None:
     parser.add_argument("--group-regex", default=None,
                         help="regex whose first group names a case's group (e.g. patient); groups are chosen whole")
     parser.add_argument("--seed", type=int, default=0, help="random seed for --n / --fraction (default: 0)")
-    parser.add_argument("--name", default=None, help="name of the new dataset (default: <source>_<k>cases|groups)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset with id NEW_ID")
-    args = parser.parse_args()
-    from nnunetv2_sss.datasets.label_budget import DatasetToolError, make_label_budget
+    _add_output_dataset_args(parser, None, "name of the new dataset (default: <source>_<k>cases|groups)")
 
-    try:
-        out = make_label_budget(args.dataset, args.new_id, n=args.n, fraction=args.fraction, cases=args.cases,
-                                group_regex=args.group_regex, seed=args.seed, name=args.name,
-                                overwrite=args.overwrite)
-    except DatasetToolError as e:
-        parser.exit(1, f"error: {e}\n")
-    print(f"label-budget dataset: {out}")
+    def make(args: argparse.Namespace) -> Path:
+        from nnunetv2_sss.datasets.label_budget import make_label_budget
+
+        return make_label_budget(args.dataset, args.new_id, n=args.n, fraction=args.fraction, cases=args.cases,
+                                 group_regex=args.group_regex, seed=args.seed, name=args.name,
+                                 overwrite=args.overwrite)
+
+    _run_dataset_tool(parser, make, "label-budget dataset")
 
 
 @entry_point
@@ -297,14 +310,11 @@ def convert_acdc_entry() -> None:
     parser.add_argument("--labeled", required=True,
                         help="labeled patients: 1, 3 or 7 (standard splits), all, or a comma list such as 38,50,99 "
                              "(one patient: patient005)")
-    parser.add_argument("--name", default=None, help="dataset name (default: ACDC or ACDC_<k>labeled)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset with this id")
-    args = parser.parse_args()
-    from nnunetv2_sss.datasets.acdc import convert_acdc
-    from nnunetv2_sss.datasets.label_budget import DatasetToolError
+    _add_output_dataset_args(parser, None, "dataset name (default: ACDC or ACDC_<k>labeled)")
 
-    try:
-        out = convert_acdc(Path(args.input), args.dataset_id, args.labeled, args.name, args.overwrite)
-    except DatasetToolError as e:
-        parser.exit(1, f"error: {e}\n")
-    print(f"ACDC dataset: {out}")
+    def make(args: argparse.Namespace) -> Path:
+        from nnunetv2_sss.datasets.acdc import convert_acdc
+
+        return convert_acdc(Path(args.input), args.dataset_id, args.labeled, args.name, args.overwrite)
+
+    _run_dataset_tool(parser, make, "ACDC dataset")

@@ -67,8 +67,16 @@ def base_env(work: Path, num_processes: int) -> dict[str, str]:
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         Path(env[k]).mkdir(parents=True, exist_ok=True)
     os.environ.update(env)
-    env["nnUNet_extTrainer"] = ensure_ext_trainer_env()
+    env["nnUNet_extTrainer"] = with_bench_trainers(ensure_ext_trainer_env())
     return env
+
+
+def with_bench_trainers(ext_trainer: str) -> str:
+    """``nnUNet_extTrainer`` plus the benchmark-only ablation trainers of ``scripts/bench_trainers``."""
+    folder = str(Path(__file__).resolve().parent / "bench_trainers")
+    value = os.pathsep.join([*ext_trainer.split(os.pathsep), folder])
+    os.environ["nnUNet_extTrainer"] = value
+    return value
 
 
 @dataclass(frozen=True)
@@ -166,7 +174,7 @@ def bench_env(work: Path, jobs: int, nnunet_folders_in_work: bool = False) -> di
         base.update(nnUNet_results=str(work / "results" / "default"))
         base.setdefault("nnUNet_n_proc_DA", "2")
         os.environ.update(base)
-        base["nnUNet_extTrainer"] = ensure_ext_trainer_env()
+        base["nnUNet_extTrainer"] = with_bench_trainers(ensure_ext_trainer_env())
     if jobs > 1:
         base.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         torch.set_num_threads(1)

@@ -61,12 +61,16 @@ def run_one(dataset: str, configuration: str, trainer: str, n: int, warmup: int,
 
     from nnunetv2_sss.cli import ensure_ext_trainer_env
 
-    ensure_ext_trainer_env()
+    # the package's trainers and the benchmark-only ablation trainers (scripts/bench_trainers)
+    os.environ["nnUNet_extTrainer"] = os.pathsep.join([ensure_ext_trainer_env(),
+                                                       str(Path(__file__).resolve().parent / "bench_trainers")])
     if trainer == SAM_TERM_TIMING:
         t = sam_term_timing_trainer(dataset, configuration, torch.device(device))
     else:
         t = get_trainer_from_args(dataset, configuration, "all", trainer, "nnUNetPlans", device=torch.device(device))
     t.disable_checkpointing = True
+    if hasattr(t, "unsup_warmup_fraction"):
+        t.unsup_warmup_fraction = 0.0  # time the semi-supervised step, not the supervised warm-up
     t.on_train_start()
     t.on_train_epoch_start()
     times = []

@@ -10,7 +10,7 @@ from nnunetv2_sss.augment.views import NUM_VIEWS, apply_cutmix, cutmix_masks, ge
 from nnunetv2_sss.consistency.dfe import DFE, DFEScale, dfe_fuse, pooled_cosine
 from nnunetv2_sss.consistency.ema import EMATeacher, ema_momentum
 from nnunetv2_sss.consistency.losses import MaskedCEDiceLoss, deep_supervision_targets, pseudo_label
-from nnunetv2_sss.training.semi_supervised import split_batch_across_ranks
+from nnunetv2_sss.training.unlabeled_stream import split_batch_across_ranks
 
 
 def test_confidence_mask_marks_only_confident_pixels():

@@ -46,7 +46,7 @@ def test_wheel_ships_shims_and_nnunet_finds_trainers(tmp_path: Path) -> None:
     assert build.returncode == 0, build.stderr[-3000:]
     wheel = next(wheels.glob("nnunetv2_sss-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    for shim in ("__init__.py", "nnUNetTrainerSSS.py", "nnUNetTrainerSSS_noSAM.py"):
+    for shim in ("__init__.py", "nnUNetTrainerSSS.py", "nnUNetTrainerSSS_noSAM.py", "nnUNetTrainer_budget.py"):
         assert f"nnunetv2_sss/ext_trainers/{shim}" in names
     assert not any(n.startswith("trainers/") for n in names), "the shim folder must not become a top-level package"
 

@@ -12,13 +12,10 @@ import re
 
 import pytest
 
-from nnunetv2_sss.training.sam_trainers import (
-    SAMSchedule,
-    nnUNetTrainerSemiSAM,
-    nnUNetTrainerSemiSAM_5epochs,
-    nnUNetTrainerSSS,
-    nnUNetTrainerSSS_smoke,
-)
+from nnunetv2_sss.training.sam_schedule import SAMSchedule
+from nnunetv2_sss.training.sam_trainers import nnUNetTrainerSSS
+from nnunetv2_sss.training.semisam import nnUNetTrainerSemiSAM
+from nnunetv2_sss.training.variants import nnUNetTrainerSemiSAM_5epochs, nnUNetTrainerSSS_smoke
 
 
 def _bare(cls: type, num_epochs: int):

@@ -571,7 +571,7 @@ def test_soft_consistency_matches_soft_targets_not_their_argmax() -> None:
     """The mean-teacher loss is zero exactly when the student's softmax equals the SOFT target (at every deep-
     supervision scale, the target area-averaged there), not when it equals the target's arg-max; weight-0 pixels
     do not count."""
-    from nnunetv2_sss.training.sam_trainers import soft_consistency_mse
+    from nnunetv2_sss.training.semisam import soft_consistency_mse
 
     g = torch.Generator().manual_seed(0)
     teacher = torch.softmax(torch.randn(2, 4, 8, 8, generator=g), 1)

@@ -145,8 +145,7 @@ def test_progress_png_has_supervised_unsupervised_and_fraction_panels(tmp_path) 
     import matplotlib.pyplot as plt
     from nnunetv2.training.logging.nnunet_logger import LocalLogger
 
-    from nnunetv2_sss.training.progress import SSSLocalLogger
-    from nnunetv2_sss.training.semi_supervised import FRACTION_KEYS, LOSS_KEYS, class_fraction_keys
+    from nnunetv2_sss.training.progress import FRACTION_KEYS, LOSS_KEYS, SSSLocalLogger, class_fraction_keys
 
     ours, stock = SSSLocalLogger(LOSS_KEYS, FRACTION_KEYS + class_fraction_keys(3)), LocalLogger()
     assert ours._panels()[0][1] == ["sss_loss_sup"]  # the supervised loss has a panel of its own

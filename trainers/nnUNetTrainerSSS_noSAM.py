@@ -8,20 +8,10 @@ from nnunetv2_sss.training.semi_supervised import (
     nnUNetTrainerUniMatch_EMA,
 )
 from nnunetv2_sss.training.variants import (
-    nnUNetTrainer_budget,
     nnUNetTrainerSSS_noSAM_5epochs,
-    nnUNetTrainerSSS_noSAM_adaptive,
     nnUNetTrainerSSS_noSAM_demo,
-    nnUNetTrainerSSS_noSAM_dfe2,
-    nnUNetTrainerSSS_noSAM_ratio025,
     nnUNetTrainerSSS_noSAM_smoke,
     nnUNetTrainerUniMatch_5epochs,
-    nnUNetTrainerUniMatch_adaptive,
-    nnUNetTrainerUniMatch_cutmix1,
-    nnUNetTrainerUniMatch_mixdraw,
-    nnUNetTrainerUniMatch_rampup,
-    nnUNetTrainerUniMatch_ratio025,
-    nnUNetTrainerUniMatch_thr090,
 )
 
 # nnU-Net imports this shim when it looks the trainer up: from here on our input errors end as one message

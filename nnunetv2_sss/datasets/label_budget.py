@@ -181,6 +181,60 @@ def _copy_case(images: list[str], dest_folder: Path, case: str, file_ending: str
         shutil.copy2(f, dest_folder / f"{case}_{c:04d}{file_ending}")
 
 
+def _training_cases(src: Path) -> dict[str, dict]:
+    """nnU-Net's listing of the source's training cases (images, label), each checked to be complete."""
+    # nnU-Net's helper rewrites the paths of an explicit 'dataset' listing in place: give it its own copy.
+    dataset_json = json.loads((src / "dataset.json").read_text())
+    n_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
+    training = get_filenames_of_train_images_and_targets(str(src), dataset_json)
+    if not training:
+        raise DatasetToolError(f"{src} has no training cases (imagesTr/labelsTr); nothing to select from.")
+    for case, entry in training.items():
+        missing = [f for f in entry["images"] + [entry["label"]] if not os.path.isfile(f)]
+        if len(entry["images"]) != n_channels:
+            raise DatasetToolError(f"Training case {case!r} of {src} has {len(entry['images'])} channel file(s) but "
+                                   f"dataset.json declares {n_channels}. Fix the source dataset first.")
+        if missing:
+            raise DatasetToolError(f"Training case {case!r} of {src}: missing file(s) {', '.join(missing)}. Fix the "
+                                   f"source dataset first.")
+    return training
+
+
+def _source_unlabeled_cases(src_unlabeled: Path, file_ending: str, training: dict) -> list[str]:
+    """Ids of the source's own unlabeled images; none may share an id with a training case."""
+    if not src_unlabeled.is_dir():
+        return []
+    ids = [str(i) for i in get_identifiers_from_splitted_dataset_folder(str(src_unlabeled), file_ending)]
+    clash = sorted(set(ids) & set(training))
+    if clash:
+        raise DatasetToolError(f"Case(s) {', '.join(clash[:5])} exist both in imagesTr and imagesUnlabeled of "
+                               f"{src_unlabeled.parent}; rename one of them.")
+    return ids
+
+
+def _copy_cases(src: Path, out: Path, training: dict, labeled: list[str], unlabeled: list[str],
+                file_ending: str) -> None:
+    """Labeled cases with their labels, the other training cases and the source's unlabeled images as unlabeled,
+    and the test folders as they are."""
+    (out / "imagesTr").mkdir()
+    (out / "labelsTr").mkdir()
+    for case in labeled:
+        _copy_case(training[case]["images"], out / "imagesTr", case, file_ending)
+        shutil.copy2(training[case]["label"], out / "labelsTr" / f"{case}{file_ending}")
+    dest_unlabeled = unlabeled_raw_folder(out)
+    for case in unlabeled:
+        _copy_case(training[case]["images"], dest_unlabeled, case, file_ending)
+    src_unlabeled = unlabeled_raw_folder(src)
+    if src_unlabeled.is_dir():
+        dest_unlabeled.mkdir(exist_ok=True)
+        for f in sorted(src_unlabeled.iterdir()):
+            if f.is_file() and f.name.endswith(file_ending):
+                shutil.copy2(f, dest_unlabeled / f.name)
+    for sub in ("imagesTs", "labelsTs"):
+        if (src / sub).is_dir():
+            shutil.copytree(src / sub, out / sub)
+
+
 def make_label_budget(source: str | int, new_id: int, n: int | None = None, fraction: float | None = None,
                       cases: list[str] | None = None, group_regex: str | None = None, seed: int = 0,
                       name: str | None = None, overwrite: bool = False) -> Path:
@@ -204,30 +258,9 @@ def make_label_budget(source: str | int, new_id: int, n: int | None = None, frac
         raise DatasetToolError(f"new_id {new_id} is the id of the source {source_name}; choose another id.")
     dataset_json = json.loads((src / "dataset.json").read_text())
     file_ending = dataset_json["file_ending"]
-    n_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
 
-    # nnU-Net's helper rewrites the paths of an explicit 'dataset' listing in place: give it its own copy.
-    training = get_filenames_of_train_images_and_targets(str(src), json.loads((src / "dataset.json").read_text()))
-    if not training:
-        raise DatasetToolError(f"{src} has no training cases (imagesTr/labelsTr); nothing to select from.")
-    for case, entry in training.items():
-        missing = [f for f in entry["images"] + [entry["label"]] if not os.path.isfile(f)]
-        if len(entry["images"]) != n_channels:
-            raise DatasetToolError(f"Training case {case!r} of {src} has {len(entry['images'])} channel file(s) but "
-                                   f"dataset.json declares {n_channels}. Fix the source dataset first.")
-        if missing:
-            raise DatasetToolError(f"Training case {case!r} of {src}: missing file(s) {', '.join(missing)}. Fix the "
-                                   f"source dataset first.")
-
-    src_unlabeled = unlabeled_raw_folder(src)
-    src_unlabeled_ids: list[str] = []
-    if src_unlabeled.is_dir():
-        src_unlabeled_ids = [str(i) for i in get_identifiers_from_splitted_dataset_folder(str(src_unlabeled),
-                                                                                           file_ending)]
-        clash = sorted(set(src_unlabeled_ids) & set(training))
-        if clash:
-            raise DatasetToolError(f"Case(s) {', '.join(clash[:5])} exist both in imagesTr and imagesUnlabeled of "
-                                   f"{src}; rename one of them.")
+    training = _training_cases(src)
+    src_unlabeled_ids = _source_unlabeled_cases(unlabeled_raw_folder(src), file_ending, training)
 
     unit = "groups" if group_regex is not None else "cases"
     groups = _group_cases(sorted(training), group_regex)
@@ -238,22 +271,7 @@ def make_label_budget(source: str | int, new_id: int, n: int | None = None, frac
     if name is None:
         name = f"{source_name[11:]}_{len(chosen)}{'groups' if group_regex else 'cases'}"
     with staged_raw_dataset(new_id, name, overwrite) as out:
-        (out / "imagesTr").mkdir()
-        (out / "labelsTr").mkdir()
-        for case in labeled:
-            _copy_case(training[case]["images"], out / "imagesTr", case, file_ending)
-            shutil.copy2(training[case]["label"], out / "labelsTr" / f"{case}{file_ending}")
-        dest_unlabeled = unlabeled_raw_folder(out)
-        for case in unlabeled:
-            _copy_case(training[case]["images"], dest_unlabeled, case, file_ending)
-        if src_unlabeled.is_dir():
-            dest_unlabeled.mkdir(exist_ok=True)
-            for f in sorted(src_unlabeled.iterdir()):
-                if f.is_file() and f.name.endswith(file_ending):
-                    shutil.copy2(f, dest_unlabeled / f.name)
-        for sub in ("imagesTs", "labelsTs"):
-            if (src / sub).is_dir():
-                shutil.copytree(src / sub, out / sub)
+        _copy_cases(src, out, training, labeled, unlabeled, file_ending)
         new_json = {k: v for k, v in dataset_json.items() if k != "dataset"}  # files now follow the standard layout
         new_json["numTraining"] = len(labeled)
         new_json["name"] = name

@@ -289,6 +289,46 @@ def summarize(rows: list[dict[str, Any]], labels: Sequence[LabelOrRegion], class
     return {"per_class": per_class, "foreground_mean": fg}
 
 
+def _pair_cases(gt_files: list[Path], pred_dir: Path, ending: str,
+                allow_missing: bool) -> tuple[list[tuple[str, Path, Path]], list[str]]:
+    """(case, GT file, prediction file) for every GT file with a prediction of the same name, and the names of
+    those without one (an error unless ``allow_missing``)."""
+    pairs: list[tuple[str, Path, Path]] = []
+    missing: list[str] = []
+    for g in gt_files:
+        p = pred_dir / g.name
+        if p.is_file():
+            pairs.append((g.name[: -len(ending)], g, p))
+        else:
+            missing.append(g.name)
+    if missing and not allow_missing:
+        raise FileNotFoundError(f"No prediction in {pred_dir} for {len(missing)} GT case(s): {', '.join(missing)} "
+                                "(use allow_missing / --allow-missing to skip them)")
+    if missing:
+        warnings.warn(f"Skipping {len(missing)} GT case(s) without prediction: {', '.join(missing)}", stacklevel=3)
+    if not pairs:
+        raise FileNotFoundError(f"No GT case in {gt_files[0].parent} has a prediction in {pred_dir}")
+    return pairs, missing
+
+
+def _unexpected_labels(pairs: list[tuple[str, Path, Path]], results: list, labels: list) -> dict[str, dict[str, Any]]:
+    """Predicted labels outside the evaluated set score nowhere: count them (cases, voxels) and say so instead of
+    dropping them silently."""
+    unexpected: dict[str, dict[str, Any]] = {}
+    for (case, _, _), (_, found) in zip(pairs, results, strict=True):
+        for lab, n in found.items():
+            entry = unexpected.setdefault(str(lab), {"cases": [], "voxels": 0})
+            entry["cases"].append(case)
+            entry["voxels"] += n
+    if unexpected:
+        warnings.warn("Predictions contain label(s) that are not among the evaluated labels "
+                      f"{[label_or_region_to_key(lab) for lab in labels]}: " + "; ".join(
+                          f"label {k} in {len(v['cases'])} case(s), {v['voxels']} voxels" for k, v in
+                          unexpected.items()) + ". They count as background in every score; check the label "
+                      "numbering of the predictions (see unexpected_predicted_labels in summary.json).", stacklevel=3)
+    return unexpected
+
+
 def evaluate_folders(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
                      labels: Sequence[LabelOrRegion] | None = None, dataset_json: str | os.PathLike | None = None,
                      num_processes: int = 1, allow_missing: bool = False, file_ending: str | None = None) -> dict:
@@ -311,22 +351,7 @@ def evaluate_folders(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike, out
     if not gt_files:
         raise FileNotFoundError(f"No '{ending}' files in GT folder {gt_dir}")
 
-    pairs: list[tuple[str, Path, Path]] = []
-    missing: list[str] = []
-    for g in gt_files:
-        case = g.name[: -len(ending)]
-        p = pred_dir / g.name
-        if p.is_file():
-            pairs.append((case, g, p))
-        else:
-            missing.append(g.name)
-    if missing and not allow_missing:
-        raise FileNotFoundError(f"No prediction in {pred_dir} for {len(missing)} GT case(s): {', '.join(missing)} "
-                                "(use allow_missing / --allow-missing to skip them)")
-    if missing:
-        warnings.warn(f"Skipping {len(missing)} GT case(s) without prediction: {', '.join(missing)}", stacklevel=2)
-    if not pairs:
-        raise FileNotFoundError(f"No GT case in {gt_dir} has a prediction in {pred_dir}")
+    pairs, missing = _pair_cases(gt_files, pred_dir, ending, allow_missing)
     for _, g, p in pairs:  # header-only, so a bad pair fails before any pixels are loaded
         check_pair(g, p)
 
@@ -350,19 +375,7 @@ def evaluate_folders(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike, out
         jobs = [(case, g, p, labels, ignore_label) for case, g, p in pairs]
         results = _map(_evaluate_case, jobs, pool, "evaluating")
     rows = [r for case_rows, _ in results for r in case_rows]
-    # predicted labels outside the evaluated set score nowhere: count them and say so instead of dropping them
-    unexpected: dict[str, dict[str, Any]] = {}
-    for (case, _, _), (_, found) in zip(pairs, results):
-        for lab, n in found.items():
-            entry = unexpected.setdefault(str(lab), {"cases": [], "voxels": 0})
-            entry["cases"].append(case)
-            entry["voxels"] += n
-    if unexpected:
-        warnings.warn("Predictions contain label(s) that are not among the evaluated labels "
-                      f"{[label_or_region_to_key(lab) for lab in labels]}: " + "; ".join(
-                          f"label {k} in {len(v['cases'])} case(s), {v['voxels']} voxels" for k, v in
-                          unexpected.items()) + ". They count as background in every score; check the label "
-                      "numbering of the predictions (see unexpected_predicted_labels in summary.json).", stacklevel=2)
+    unexpected = _unexpected_labels(pairs, results, labels)
 
     summary: dict[str, Any] = {
         "n_cases": len(pairs),

@@ -476,3 +476,14 @@ def refresh_pseudolabels(backend: SAM2Backend, unlabeled_folder: str | Path, ide
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / SUMMARY_FILE, summary.to_dict(), indent=1)
     return summary
+
+
+def pcsw_counts_line(counts: dict) -> str:
+    """'class 1: 4 prompted, 2 rejected (inconsistent=2); ...' from RefreshSummary.pcsw."""
+    acc, rej = counts.get("accepted", {}), counts.get("rejected", {})
+    parts = []
+    for lab in sorted(set(acc) | set(rej), key=int):
+        why = ", ".join(f"{k}={v}" for k, v in sorted(rej.get(lab, {}).items()))
+        parts.append(f"class {lab}: {acc.get(lab, 0)} prompted, {sum(rej.get(lab, {}).values())} rejected"
+                     + (f" ({why})" if why else ""))
+    return "; ".join(parts) if parts else "no foreground predicted"

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import distributed as dist
 
 from nnunetv2_sss.files import atomic_torch_save
 
@@ -77,3 +78,67 @@ def resolve_resume_checkpoint(requested: str | Path, warn: Callable[[str], None]
     warn(f"WARNING: {requested} cannot be used ({why}); resuming from {path} (epoch {checkpoint.get('current_epoch')}) "
          f"instead.")
     return path, checkpoint
+
+
+class CompleteCheckpointMixin:
+    """For nnUNetTrainer subclasses with state outside the network: ``extra_checkpoint_state()`` is saved with
+    nnU-Net's checkpoint under ``sss_state``, in one atomic write, and a resume needs it back."""
+
+    def extra_checkpoint_state(self) -> dict:
+        return self.semi_state.state_dict()
+
+    def load_extra_checkpoint_state(self, state: dict) -> None:
+        self.semi_state.load_state_dict(state)
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint plus our state ('sss_state'), written once, complete, to a temporary name that is
+        fsync'ed and renamed (nnU-Net's own write is not atomic; see training/checkpoints.py)."""
+        if self.local_rank != 0 or self.disable_checkpointing:
+            super().save_checkpoint(filename)  # rank != 0: nothing; disabled: nnU-Net logs that
+            return
+        save_complete_checkpoint(filename, super().save_checkpoint, self.extra_checkpoint_state())
+
+    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
+        """Resume only with our state: an unreadable checkpoint or one without 'sss_state' gives way to the newest
+        complete one in the fold folder (with a warning), or to a clear error when there is none."""
+        if isinstance(filename_or_checkpoint, dict):
+            if SSS_STATE_KEY not in filename_or_checkpoint:
+                raise CheckpointError(f"This checkpoint has no '{SSS_STATE_KEY}': {self.__class__.__name__} cannot "
+                                      f"resume from it without silently restarting DFE, the EMA teacher and its step "
+                                      f"counter. Use -pretrained_weights to start from its network weights.")
+            path, checkpoint = filename_or_checkpoint, filename_or_checkpoint
+        else:
+            path, checkpoint = resolve_resume_checkpoint(
+                filename_or_checkpoint, lambda m: self.print_to_log_file(m, also_print_to_console=True))
+            path = str(path)
+        super().load_checkpoint(path)
+        self.load_extra_checkpoint_state(checkpoint[SSS_STATE_KEY])
+        self.logger.local_logger.add_missing_keys()
+
+
+def backward_and_step(loss: torch.Tensor, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                      grad_scaler, is_ddp: bool) -> None:
+    """nnU-Net's backward/clip(12)/step (with its AMP scaler when there is one), plus the cross-rank gradient
+    average that DDP's hooks would do: the semi-supervised step calls encoder and decoder directly, bypassing them."""
+    if grad_scaler is not None:
+        grad_scaler.scale(loss).backward()
+        _average_gradients_across_ranks(params, is_ddp)
+        grad_scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, 12)
+        grad_scaler.step(optimizer)
+        grad_scaler.update()
+    else:
+        loss.backward()
+        _average_gradients_across_ranks(params, is_ddp)
+        torch.nn.utils.clip_grad_norm_(params, 12)
+        optimizer.step()
+
+
+def _average_gradients_across_ranks(params: list[torch.nn.Parameter], is_ddp: bool) -> None:
+    if not is_ddp:
+        return
+    world = dist.get_world_size()
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world

@@ -1,7 +1,9 @@
-"""nnU-Net's progress.png with three more panels: supervised loss, unsupervised terms, fractions and similarity."""
+"""What the semi-supervised trainers log per epoch, and nnU-Net's progress.png with three more panels: supervised
+loss, unsupervised terms, fractions and similarity."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,6 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from nnunetv2.training.logging.nnunet_logger import LocalLogger  # noqa: E402
+from nnunetv2.utilities.collate_outputs import collate_outputs  # noqa: E402
+from torch import distributed as dist  # noqa: E402
 
 from nnunetv2_sss.files import save_figure  # noqa: E402
 
@@ -79,3 +83,47 @@ class SSSLocalLogger(LocalLogger):
             ax.legend(loc=(0, 1), fontsize=22, ncol=max(1, min(len(keys), 6)))
         save_figure(fig, path)
         plt.close(fig)
+
+
+LOSS_KEYS = ("sss_loss_sup", "sss_loss_s1", "sss_loss_s2", "sss_loss_fp", "sss_loss_dfe", "sss_loss_sam")
+FRACTION_KEYS = ("sss_confident_fraction", "sss_dfe_similarity", "sss_sam_agreement")
+
+
+def class_fraction_keys(num_classes: int) -> tuple[str, ...]:
+    """One confident-fraction key per class (background included): the share of the pixels pseudo-labelled as that
+    class whose confidence reaches the threshold."""
+    return tuple(f"sss_confident_fraction_c{c}" for c in range(num_classes))
+
+
+class SemiSupervisedLogging:
+    """Per-epoch means of what every step returns, through nnU-Net's logger (and so onto progress.png)."""
+
+    def logged_step_keys(self) -> tuple[str, ...]:
+        """What every step returns for the epoch's log (the SAM agreement is logged per refresh instead)."""
+        return tuple(k for k in LOSS_KEYS + FRACTION_KEYS + self.class_fraction_keys if k != "sss_sam_agreement")
+
+    def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
+        super().on_train_epoch_end(train_outputs)
+        collated = collate_outputs(train_outputs)
+        for k in self.logged_step_keys():
+            vals = np.asarray(collated[k], dtype=np.float64)
+            if self.is_ddp:
+                gathered = [None] * dist.get_world_size()
+                dist.all_gather_object(gathered, vals)
+                vals = np.concatenate([np.ravel(g) for g in gathered])
+            value = float(np.nanmean(vals)) if np.any(np.isfinite(vals)) else math.nan
+            self.logger.log(k, value, self.current_epoch)
+        self.logger.log("sss_sam_agreement", self.sam_agreement_this_epoch(), self.current_epoch)
+        self.print_to_log_file("unsupervised: " + ", ".join(
+            f"{k.removeprefix('sss_')} {self.logger.get_value(k, step=-1):.4f}" for k in LOSS_KEYS + FRACTION_KEYS))
+
+    def sam_agreement_this_epoch(self) -> float:
+        """SAM-student Dice of the latest refresh (NaN without SAM)."""
+        return math.nan
+
+    # ------------------------------------------------------------------ checkpoints
+    def extra_checkpoint_state(self) -> dict:
+        return self.semi_state.state_dict()
+
+    def load_extra_checkpoint_state(self, state: dict) -> None:
+        self.semi_state.load_state_dict(state)

@@ -20,7 +20,8 @@ the run from a supervised checkpoint of the same dataset, with ``warm_start_init
 
 Snapshots: ``nnUNet_sss_snapshot_every`` = K (or the attribute ``snapshot_every``) keeps a copy of the checkpoint
 every K epochs as ``checkpoint_epochNNNN.pth`` (NNNN = epochs trained), so a learning curve can be read off one
-run (Dice of each snapshot on a test set) and the pseudo-labels can be measured over training.
+run (Dice of each snapshot on a test set) and the pseudo-labels can be measured over training; nnU-Net's
+``checkpoint_latest.pth`` is then written as often, so ``--c`` resumes an interrupted run from its last snapshot.
 """
 
 from __future__ import annotations
@@ -56,24 +57,24 @@ def reseeded_augmenter(augmenter, seed: int):
         pin_memory=augmenter.pin_memory, wait_time=augmenter.wait_time)
 
 
-def _int_env(name: str) -> int | None:
+def _number_env(name: str, kind: type[int] | type[float]) -> int | float | None:
+    """The env var ``name`` parsed as ``kind``; None when unset or empty."""
     value = os.environ.get(name)
     if not value:
         return None
     try:
-        return int(value)
+        return kind(value)
     except ValueError:
-        raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
+        what = "an integer" if kind is int else "a number"
+        raise ValueError(f"environment variable {name} must be {what}, got {value!r}") from None
+
+
+def _int_env(name: str) -> int | None:
+    return _number_env(name, int)  # type: ignore[return-value]
 
 
 def float_env(name: str) -> float | None:
-    value = os.environ.get(name)
-    if not value:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        raise ValueError(f"environment variable {name} must be a number, got {value!r}") from None
+    return _number_env(name, float)
 
 
 def apply_budget_from_env(trainer) -> None:
@@ -115,6 +116,9 @@ class RunSettingsMixin:
         every = _int_env("nnUNet_sss_snapshot_every")
         if every is not None:
             self.snapshot_every = every
+        if self.snapshot_every > 0:
+            # resumable inside a run: checkpoint_latest.pth (what --c loads) as often as the snapshots
+            self.save_every = min(self.save_every, self.snapshot_every)
         if self.seed is not None:
             self.print_to_log_file(f"seed {self.seed} ({SEED_ENV} or the trainer's 'seed' attribute)")
 

@@ -17,73 +17,22 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import distributed as dist
 
-from nnunetv2_sss.consistency.losses import resize_like
 from nnunetv2_sss.sam.pcsw import PCSWConfig, PlausibilityLimits
+from nnunetv2_sss.training.sam_schedule import SAMSchedule
 from nnunetv2_sss.training.semi_supervised import (
-    UnlabeledStep,
-    as_list,
     nnUNetTrainerSSS_noSAM,
-    nnUNetTrainerUniMatch,
 )
-from nnunetv2_sss.training.variants import ShortRun
 
 if TYPE_CHECKING:
     from nnunetv2_sss.sam.backend import SAM2Backend
 
 REFRESH_FOLDER = "sam2_refresh"
-
-
-def _pcsw_line(counts: dict) -> str:
-    """'class 1: 4 prompted, 2 rejected (inconsistent=2); ...' from RefreshSummary.pcsw."""
-    acc, rej = counts.get("accepted", {}), counts.get("rejected", {})
-    parts = []
-    for lab in sorted(set(acc) | set(rej), key=int):
-        why = ", ".join(f"{k}={v}" for k, v in sorted(rej.get(lab, {}).items()))
-        parts.append(f"class {lab}: {acc.get(lab, 0)} prompted, {sum(rej.get(lab, {}).values())} rejected"
-                     + (f" ({why})" if why else ""))
-    return "; ".join(parts) if parts else "no foreground predicted"
-
-
-def _epochs(fraction: float, num_epochs: int, minimum: int) -> int:
-    """round(fraction * num_epochs), halves up (Python's round() would round 2.5 down), at least ``minimum``."""
-    return max(minimum, int(math.floor(fraction * num_epochs + 0.5)))
-
-
-@dataclass(frozen=True)
-class SAMSchedule:
-    """The refresh schedule of one run, in epochs (0-based, as nnU-Net counts them)."""
-
-    num_epochs: int
-    warmup: int  # epochs trained before the first refresh
-    every: int  # epochs between refreshes
-    rampup: int  # epochs over which the SAM weight reaches lambda_sam after the warm-up
-    refresh_epochs: tuple[int, ...]  # a refresh runs at the END of each of these epochs
-
-    @classmethod
-    def from_fractions(cls, num_epochs: int, warmup_fraction: float, every_fraction: float,
-                       rampup_fraction: float) -> SAMSchedule:
-        """Refresh at the end of epoch e for e + 1 = warm-up + j * every (j = 0, 1, ...) and e < num_epochs - 1: a
-        refresh after the last epoch would train nothing."""
-        warmup = _epochs(warmup_fraction, num_epochs, 1)
-        every = _epochs(every_fraction, num_epochs, 1)
-        rampup = _epochs(rampup_fraction, num_epochs, 0)
-        return cls(num_epochs, warmup, every, rampup, tuple(range(warmup - 1, num_epochs - 1, every)))
-
-    def describe(self, lambda_sam: float) -> str:
-        epochs = list(self.refresh_epochs)
-        shown = ", ".join(map(str, epochs)) if len(epochs) <= 40 else \
-            ", ".join(map(str, epochs[:20])) + ", ..., " + ", ".join(map(str, epochs[-5:]))
-        return (f"SAM-2 schedule for {self.num_epochs} epochs: {len(epochs)} refresh(es), at the end of epoch(s) "
-                f"[{shown}] (warm-up {self.warmup} epochs, then every {self.every}); SAM loss weight ramps linearly "
-                f"to {lambda_sam} over {self.rampup} epochs from epoch {self.warmup}")
 
 
 class SAMRefreshMixin:
@@ -277,7 +226,7 @@ class SAMRefreshMixin:
 
     def refresh_sam_pseudolabels(self) -> None:
         """Rewrite the SAM-2 maps from the student's current prediction (rank 0), overlays in the fold folder."""
-        from nnunetv2_sss.sam.refresh import refresh_pseudolabels
+        from nnunetv2_sss.sam.refresh import pcsw_counts_line, refresh_pseudolabels
         from nnunetv2_sss.training.student_inference import student_predict_fn
 
         epoch = self.current_epoch
@@ -293,7 +242,7 @@ class SAMRefreshMixin:
                     overlay_cases=self.sam_overlay_cases, overlay_slices_per_case=self.sam_overlay_slices,
                     title_prefix=f"epoch {epoch}: ", maps_folder=self.sam_maps_folder)
             self.print_to_log_file(summary.log_line())
-            self.print_to_log_file(f"PCSW: {_pcsw_line(summary.pcsw)}")
+            self.print_to_log_file(f"PCSW: {pcsw_counts_line(summary.pcsw)}")
             agreement = summary.agreement
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -347,116 +296,3 @@ class SAMRefreshMixin:
 
 class nnUNetTrainerSSS(SAMRefreshMixin, nnUNetTrainerSSS_noSAM):
     """SSS (Zhu et al. 2025): weak-to-strong consistency + DFE + SAM-2 pseudo-labels prompted by PCSW."""
-
-
-def soft_consistency_mse(outputs: list[torch.Tensor], target_probs: torch.Tensor, weight: torch.Tensor,
-                         ds_weights: list[float] | tuple[float, ...]) -> torch.Tensor:
-    """Mean-teacher consistency: mean over classes of (softmax(output) - target)^2, averaged over the pixels where
-    ``weight`` (B, *spatial) is 1, at every deep-supervision output with nnU-Net's weights.
-
-    ``target_probs`` (B, C, *spatial) is a soft (teacher) or one-hot (SAM-2) target at full resolution; it is
-    area-averaged to each lower output (a probability map, so averaging is the right downsampling), ``weight`` is
-    nearest-resized like nnU-Net's segmentation targets."""
-    total = outputs[0].new_zeros((), dtype=torch.float32)
-    for w, out in zip(ds_weights, outputs):
-        if w == 0:
-            continue
-        size = tuple(out.shape[2:])
-        target = target_probs if tuple(target_probs.shape[2:]) == size else F.interpolate(
-            target_probs.float(), size=size, mode="area")
-        m = resize_like(weight, size).float()
-        sq = ((torch.softmax(out.float(), 1) - target.float()) ** 2).mean(1)
-        total = total + w * (sq * m).sum() / m.sum().clamp(min=1.0)
-    return total
-
-
-class nnUNetTrainerSemiSAM(SAMRefreshMixin, nnUNetTrainerUniMatch):
-    """SemiSAM (Zhang et al. 2023) in nnU-Net: a mean teacher plus SAM-2 masks as an extra consistency target.
-
-    Per iteration: nnU-Net's supervised loss on the labeled batch; the EMA teacher's SOFT prediction (softmax) of
-    the weak view of each unlabeled patch is the target of the student's prediction of a perturbed view of the same
-    patch (strong intensity view, same geometry), by MSE over all valid pixels, weighted ``lambda_s1`` (0.1) times a
-    sigmoid ramp-up over ``unsup_rampup_fraction`` of the run (1.0: the whole run, as SSL4MIS/UA-MT's mean teacher
-    with consistency 0.1 and a ramp over its 30 000 / 6 000 iterations); plus, once SAM-2 has refreshed, the same
-    student prediction against SAM-2's mask (one-hot, MSE, on the pixels the map labels) with ``sam_loss_weight()``.
-    SAM-2's prompts come from the student's prediction only (the refresh runs ``self.network``), never from the
-    teacher or ground truth. No confidence threshold, no CutMix, no feature perturbation, no DFE: those are SSS's
-    and UniMatch's. The step's logs: ``loss_s1`` is the mean-teacher term, ``loss_sam`` the SAM-2 term.
-    """
-
-    use_ema_teacher = True
-    use_dfe = False
-    lambda_s1 = 0.1  # the mean-teacher consistency weight
-    lambda_s2 = 0.0
-    lambda_fp = 0.0
-    cutmix_p = 0.0
-    confidence_threshold = 0.0
-    unsup_rampup_fraction = 1.0
-
-    def forward_labeled_and_weak(self, data: torch.Tensor, u: UnlabeledStep) -> list[torch.Tensor]:
-        """One student pass over the labeled batch and the PERTURBED (strong 1) unlabeled view; the weak view goes
-        to the teacher only."""
-        n_l = data.shape[0]
-        outs = as_list(self.decoder_fn(self.encoder_fn(torch.cat((data, u.x_s1)))))
-        u.out_s1 = [o[n_l:] for o in outs]
-        return [o[:n_l] for o in outs]
-
-    def make_pseudo_labels(self, u: UnlabeledStep) -> None:
-        """The EMA teacher's logits of the weak view (kept soft in ``u.logits_w``); arg-max and confidence only
-        for the logged per-class fractions (threshold 0: every valid pixel counts)."""
-        with torch.no_grad():
-            u.logits_w = as_list(self.ema_teacher.model(u.x_w))[0].float()
-            u.conf, u.labels = torch.softmax(u.logits_w, 1).max(1)
-        u.mask = (u.conf >= self.confidence_threshold).float() * u.valid
-
-    def strong_view_losses(self, u: UnlabeledStep) -> dict[str, torch.Tensor]:
-        """Mean-teacher consistency: the student's perturbed-view prediction against the teacher's soft one."""
-        teacher = torch.softmax(u.logits_w, 1)
-        return {"s1": soft_consistency_mse(u.out_s1, teacher, u.valid, self._ds_weights(len(u.out_s1)))}
-
-    def sam_loss(self, u: UnlabeledStep) -> torch.Tensor | None:
-        """The same student prediction against SAM-2's map (warped with the view), on the pixels it labels."""
-        if u.sam_map is None:
-            return None
-        labelled = (u.sam_map >= 0) & (u.valid > 0)
-        onehot = F.one_hot(u.sam_map.clamp(min=0), u.out_s1[0].shape[1]).movedim(-1, 1).float()
-        return soft_consistency_mse(u.out_s1, onehot, labelled.float(), self._ds_weights(len(u.out_s1)))
-
-
-# ---------------------------------------------------------------------- short variants
-class _SAMSmoke(ShortRun):
-    """A few iterations, a refresh after epoch 0 on 2 cases at SAM size 256: checks the pipeline, learns nothing."""
-
-    short_epochs, short_iterations, short_val_iterations = 2, 3, 2
-    unsup_warmup_fraction = 0.0  # plumbing: every step semi-supervised (the warm-up has tests of its own)
-    sam_image_size = 256
-    sam_warmup_fraction = 0.0  # warm-up of 1 epoch (the minimum): refresh at the end of epoch 0
-    sam_refresh_every_fraction = 0.0  # every epoch
-    sam_rampup_fraction = 0.0
-    sam_refresh_max_cases = 2
-
-
-class _SAM5Epochs(ShortRun):
-    """5 epochs: 1 supervised, SAM-2 maps from the end of epoch 2 on (refreshes after epochs 2 and 3), full weight
-    from epoch 4."""
-
-    short_epochs = 5
-    sam_warmup_fraction = 0.4
-    sam_refresh_every_fraction = 0.0
-    sam_rampup_fraction = 0.4
-
-
-class nnUNetTrainerSSS_smoke(_SAMSmoke, nnUNetTrainerSSS):
-    pass
-
-
-class nnUNetTrainerSemiSAM_smoke(_SAMSmoke, nnUNetTrainerSemiSAM):
-    pass
-
-
-class nnUNetTrainerSSS_5epochs(_SAM5Epochs, nnUNetTrainerSSS):
-    pass
-
-
-class nnUNetTrainerSemiSAM_5epochs(_SAM5Epochs, nnUNetTrainerSemiSAM):
-    pass

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunetv2_sss.training.run_settings import RunSettingsMixin
+from nnunetv2_sss.training.sam_trainers import nnUNetTrainerSSS
 from nnunetv2_sss.training.semi_supervised import nnUNetTrainerSSS_noSAM, nnUNetTrainerUniMatch
+from nnunetv2_sss.training.semisam import nnUNetTrainerSemiSAM
 
 
 class ShortRun:
@@ -25,12 +25,6 @@ class ShortRun:
                             ("num_val_iterations_per_epoch", self.short_val_iterations)):
             if value is not None:
                 setattr(self, attr, value)
-
-
-class nnUNetTrainer_budget(RunSettingsMixin, nnUNetTrainer):
-    """Stock supervised nnUNetTrainer that honours the same run settings as the SSS trainers (training length from
-    nnUNet_sss_num_epochs / _iterations_per_epoch / _val_iterations_per_epoch, nnUNet_sss_seed, snapshots): the
-    supervised baseline of a benchmark at an equal iteration budget and seed. Nothing else differs."""
 
 
 class nnUNetTrainerSSS_noSAM_5epochs(ShortRun, nnUNetTrainerSSS_noSAM):
@@ -54,50 +48,40 @@ class nnUNetTrainerSSS_noSAM_demo(ShortRun, nnUNetTrainerSSS_noSAM):
     short_epochs, short_iterations, short_val_iterations = 8, 25, 5
 
 
-# Ablation rows of scripts/benchmark_hippocampus.py: one change each against the default.
-class nnUNetTrainerUniMatch_ratio025(nnUNetTrainerUniMatch):
-    """Unlabeled batch a quarter of the labeled batch (the earlier default)."""
+# ---------------------------------------------------------------------- short variants
+class _SAMSmoke(ShortRun):
+    """A few iterations, a refresh after epoch 0 on 2 cases at SAM size 256: checks the pipeline, learns nothing."""
 
-    unlabeled_batch_ratio = 0.25
-
-
-class nnUNetTrainerUniMatch_mixdraw(nnUNetTrainerUniMatch):
-    """CutMix partners from a separate loader draw (UniMatch's reference code) instead of the batch itself."""
-
-    mix_partners = "draw"
-
-
-class nnUNetTrainerUniMatch_cutmix1(nnUNetTrainerUniMatch):
-    cutmix_p = 1.0
+    short_epochs, short_iterations, short_val_iterations = 2, 3, 2
+    unsup_warmup_fraction = 0.0  # plumbing: every step semi-supervised (the warm-up has tests of its own)
+    sam_image_size = 256
+    sam_warmup_fraction = 0.0  # warm-up of 1 epoch (the minimum): refresh at the end of epoch 0
+    sam_refresh_every_fraction = 0.0  # every epoch
+    sam_rampup_fraction = 0.0
+    sam_refresh_max_cases = 2
 
 
-class nnUNetTrainerUniMatch_rampup(nnUNetTrainerUniMatch):
-    """Unsupervised weights ramped up (sigmoid) over the first fifth of training."""
+class _SAM5Epochs(ShortRun):
+    """5 epochs: 1 supervised, SAM-2 maps from the end of epoch 2 on (refreshes after epochs 2 and 3), full weight
+    from epoch 4."""
 
-    unsup_rampup_fraction = 0.2
-
-
-class nnUNetTrainerUniMatch_thr090(nnUNetTrainerUniMatch):
-    confidence_threshold = 0.9
-
-
-class nnUNetTrainerSSS_noSAM_dfe2(nnUNetTrainerSSS_noSAM):
-    """DFE on the two deepest encoder scales only."""
-
-    dfe_num_scales = 2
+    short_epochs = 5
+    sam_warmup_fraction = 0.4
+    sam_refresh_every_fraction = 0.0
+    sam_rampup_fraction = 0.4
 
 
-class nnUNetTrainerSSS_noSAM_ratio025(nnUNetTrainerSSS_noSAM):
-    """SSS_noSAM with an unlabeled batch a quarter of the labeled: about a third of the cost per iteration on a CPU."""
-
-    unlabeled_batch_ratio = 0.25
+class nnUNetTrainerSSS_smoke(_SAMSmoke, nnUNetTrainerSSS):
+    pass
 
 
-class nnUNetTrainerSSS_noSAM_adaptive(nnUNetTrainerSSS_noSAM):
-    """SSS_noSAM with class-adaptive confidence thresholds (consistency/losses.py: ClassAdaptiveThreshold)."""
-
-    class_adaptive_threshold = True
+class nnUNetTrainerSSS_5epochs(_SAM5Epochs, nnUNetTrainerSSS):
+    pass
 
 
-class nnUNetTrainerUniMatch_adaptive(nnUNetTrainerUniMatch):
-    class_adaptive_threshold = True
+class nnUNetTrainerSemiSAM_smoke(_SAMSmoke, nnUNetTrainerSemiSAM):
+    pass
+
+
+class nnUNetTrainerSemiSAM_5epochs(_SAM5Epochs, nnUNetTrainerSemiSAM):
+    pass

@@ -176,12 +176,6 @@ def _load_context(dataset: str | int, configuration: str, plans_identifier: str)
     return dataset_name, pre, raw, plans, plans_manager, configuration_manager, dataset_json
 
 
-def unlabeled_output_folder(dataset: str | int, configuration: str, plans_identifier: str = "nnUNetPlans") -> Path:
-    """The preprocessed unlabeled folder of a configuration (whether or not it exists yet)."""
-    _, pre, _, _, _, cm, _ = _load_context(dataset, configuration, plans_identifier)
-    return unlabeled_preprocessed_folder(pre, cm.data_identifier)
-
-
 def is_up_to_date(dataset: str | int, configuration: str, plans_identifier: str = "nnUNetPlans") -> bool:
     """True when the preprocessed unlabeled cases match the current plans and raw files."""
     _, pre, raw, plans, _, cm, dataset_json = _load_context(dataset, configuration, plans_identifier)
