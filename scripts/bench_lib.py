@@ -131,23 +131,59 @@ def run_commit(fold: Path) -> str | None:
 def train(r: Run, base: dict[str, str], work: Path, device: str, snapshot_every: int = 0,
           extra_env: dict[str, str] | None = None, commit: str | None = None) -> None:
     """``nnUNetv2_train`` of one run (resumed with ``--c`` when interrupted); ``run.json`` in the fold folder
-    records the commit and the settings it was trained with."""
+    records the commit and the settings it was trained with. A finished run of the same trainer, dataset,
+    configuration, seed, iterations and settings under another label (e.g. ``sup_2B`` of a protocol with half this
+    B is ``sup`` of this one) is reused, not trained again; its ``run.json`` says so."""
     fold = r.fold_dir(work)
     if (fold / "checkpoint_final.pth").exists():
         print(f"[skip] train {r.name} it{r.iterations} (done earlier)", flush=True)
+        return
+    env = {**r.env(base, work, snapshot_every), **(extra_env or {})}
+    settings = {k: v for k, v in env.items() if k.startswith("nnUNet_sss_")}
+    same = identical_run(r, work, settings)
+    if same is not None:
+        print(f"[skip] train {r.name} it{r.iterations}: the identical run {same} is reused", flush=True)
+        reuse_run(same, r.results_root(work) / same.relative_to(same.parents[2]))
         return
     print(f"[....] train {r.name}: {r.trainer} on Dataset{r.dataset:03d}, {r.iterations} iterations, seed {r.seed}",
           flush=True)
     cmd = [bin_cmd("nnUNetv2_train"), str(r.dataset), r.configuration, "all", "-tr", r.trainer, "-device", device]
     if (fold / "checkpoint_latest.pth").exists():
         cmd.append("--c")
-    env = {**r.env(base, work, snapshot_every), **(extra_env or {})}
     run(cmd, env, work / "logs" / f"train_{r.name}_it{r.iterations}.log")
-    fold = r.fold_dir(work)
-    write_atomic(fold / "run.json", json.dumps({"commit": commit or git_commit(), "trainer": r.trainer,
-                                                "iterations": r.iterations, "seed": r.seed,
-                                                "settings": {k: v for k, v in env.items()
-                                                             if k.startswith("nnUNet_sss_")}}, indent=1))
+    write_atomic(r.fold_dir(work) / "run.json", json.dumps(
+        {"commit": commit or git_commit(), "trainer": r.trainer, "iterations": r.iterations, "seed": r.seed,
+         "settings": settings}, indent=1))
+
+
+def identical_run(r: Run, work: Path, settings: dict[str, str]) -> Path | None:
+    """The fold folder of a finished run with exactly this run's training set-up, if any."""
+    pattern = f"*/Dataset{r.dataset:03d}_*/{r.trainer}__nnUNetPlans__{r.configuration}/fold_all"
+    for fold in sorted((work / "results").glob(pattern)):
+        info = fold / "run.json"
+        if not (fold / "checkpoint_final.pth").exists() or not info.is_file():
+            continue
+        d = json.loads(info.read_text())
+        if (d.get("trainer"), d.get("iterations"), d.get("seed"), d.get("settings")) == (
+                r.trainer, r.iterations, r.seed, settings) and "reused_from" not in d:
+            return fold
+    return None
+
+
+def reuse_run(fold: Path, dest_fold: Path) -> None:
+    """The trained model folder (plans, dataset.json, fold) hard-linked under ``dest_fold``'s results root."""
+    from nnunetv2_sss.files import replace_folder, temporary_name
+
+    src_model, dest_model = fold.parent, dest_fold.parent
+    tmp = temporary_name(dest_model)
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src_model, tmp, copy_function=os.link)
+    info = json.loads((tmp / fold.name / "run.json").read_text())
+    (tmp / fold.name / "run.json").unlink()  # a hard link: never write through it into the original
+    info["reused_from"] = str(fold)
+    (tmp / fold.name / "run.json").write_text(json.dumps(info, indent=1))
+    dest_model.parent.mkdir(parents=True, exist_ok=True)
+    replace_folder(tmp, dest_model)
 
 
 def raw_folder(base: dict[str, str], ds_id: int) -> Path:
@@ -181,62 +217,87 @@ def bench_env(work: Path, jobs: int, nnunet_folders_in_work: bool = False) -> di
     return base
 
 
+def prediction_stamp(checkpoint: Path, thresholds: tuple[float, ...]) -> str:
+    """What a cached prediction depends on: the checkpoint file, the thresholds, the code that predicts and
+    measures (``predict_in_process``, ``PseudoLabelDiagnostics``, the package's predictor set-up) and nnU-Net's
+    version, so a change of any of them predicts again."""
+    import hashlib
+    import inspect
+    from importlib.metadata import version
+
+    from nnunetv2_sss.evaluation import prediction
+
+    code = "".join(inspect.getsource(o) for o in (predict_in_process, PseudoLabelDiagnostics, prediction))
+    return json.dumps({"checkpoint_mtime_ns": checkpoint.stat().st_mtime_ns, "thresholds": list(thresholds),
+                       "code": hashlib.sha256(code.encode()).hexdigest()[:16], "nnunetv2": version("nnunetv2")})
+
+
+class PseudoLabelDiagnostics:
+    """Per class c and threshold t, summed over cases: pixels predicted c, of those confident (max softmax >= t),
+    of those correct, pixels of c in the labels, and of those confidently predicted background."""
+
+    def __init__(self, classes: dict[int, str], thresholds: tuple[float, ...]):
+        self.classes, self.thresholds = classes, thresholds
+        self.counts = {c: {t: np.zeros(5) for t in thresholds} for c in classes}
+
+    def add(self, seg: np.ndarray, probs: np.ndarray, gt: np.ndarray) -> None:
+        conf = np.asarray(probs).max(0)
+        if conf.shape != gt.shape:
+            raise RuntimeError(f"probabilities {conf.shape} vs label {gt.shape}")
+        for c in self.classes:
+            p_c, g_c = seg == c, gt == c
+            for t in self.thresholds:
+                m = conf >= t
+                self.counts[c][t] += [p_c.sum(), (p_c & m).sum(), (p_c & m & g_c).sum(), g_c.sum(),
+                                      (g_c & (seg == 0) & m).sum()]
+
+    def to_dict(self) -> dict:
+        def ratio(a: float, b: float) -> float | None:
+            return float(a / b) if b else None
+
+        return {self.classes[c]: {str(t): {"confident_share": ratio(v[1], v[0]),
+                                           "confident_precision": ratio(v[2], v[1]),
+                                           "confident_background": ratio(v[4], v[3])} for t, v in per_t.items()}
+                for c, per_t in self.counts.items()}
+
+
 def predict_in_process(fold: Path, checkpoint: str, images: Path, labels: Path, out: Path, dataset_json: Path,
                        device: str, thresholds: tuple[float, ...] = ()) -> Path:
     """Every labeled case of ``labels`` predicted by nnU-Net's ``nnUNetPredictor`` from ``images`` (what
-    ``nnUNetv2_predict --disable_tta`` runs), in this process; cached per checkpoint file (its mtime).
+    ``nnUNetv2_predict --disable_tta`` runs), in this process; cached by ``prediction_stamp``.
 
     With ``thresholds``, also the pseudo-label diagnostics of this checkpoint (labels never reach training), per
     class c and threshold t over all cases: ``confident_share`` = |pred = c, conf >= t| / |pred = c|,
     ``confident_precision`` = |pred = c, conf >= t, gt = c| / |pred = c, conf >= t|, ``confident_background`` =
     |gt = c, pred = 0, conf >= t| / |gt = c|; from un-augmented images, a proxy for the weak view. Written to
     ``out/diagnostics.json``."""
-    stamp = f"{(fold / checkpoint).stat().st_mtime_ns}"
+    stamp = prediction_stamp(fold / checkpoint, thresholds)
     if (out / ".done").exists() and (out / ".done").read_text() == stamp:
         return out
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
+    from nnunetv2_sss.evaluation.prediction import predictor_from_checkpoint
+    from nnunetv2_sss.files import replace_folder, temporary_name
+
     ds = json.loads(dataset_json.read_text())
-    ending = ds["file_ending"]
-    classes = {int(v): k for k, v in ds["labels"].items() if int(v) > 0}
-    n_ch = len(ds["channel_names"])
+    ending, n_ch = ds["file_ending"], len(ds["channel_names"])
     print(f"[....] predict {fold.parent.parent.parent.name} {checkpoint} -> {out.name}", flush=True)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = temporary_name(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    from nnunetv2_sss.evaluation.prediction import predictor_from_checkpoint
-
     predictor = predictor_from_checkpoint(fold / checkpoint, device)
     io = SimpleITKIO()
-    counts = {c: {t: np.zeros(5) for t in thresholds} for c in classes}  # pred, pred&conf, tp&conf, gt, gt->bg&conf
+    diagnostics = PseudoLabelDiagnostics({int(v): k for k, v in ds["labels"].items() if int(v) > 0}, thresholds)
     for lab in sorted(labels.glob(f"*{ending}")):
         case = lab.name[: -len(ending)]
         img, props = io.read_images([str(images / f"{case}_{i:04d}{ending}") for i in range(n_ch)])
         seg, probs = predictor.predict_single_npy_array(img, props, None, None, True)
         io.write_seg(np.asarray(seg).astype(np.uint8), str(tmp / lab.name), props)
-        if not thresholds:
-            continue
-        gt = io.read_seg(str(lab))[0][0]
-        conf = np.asarray(probs).max(0)
-        if conf.shape != gt.shape:
-            raise RuntimeError(f"{lab}: probabilities {conf.shape} vs label {gt.shape}")
-        for c in classes:
-            p_c, g_c = seg == c, gt == c
-            for t in thresholds:
-                m = conf >= t
-                counts[c][t] += [p_c.sum(), (p_c & m).sum(), (p_c & m & g_c).sum(), g_c.sum(),
-                                 (g_c & (seg == 0) & m).sum()]
+        if thresholds:
+            diagnostics.add(seg, probs, io.read_seg(str(lab))[0][0])
     if thresholds:
-        def ratio(a: float, b: float) -> float | None:
-            return float(a / b) if b else None
-
-        diag = {classes[c]: {str(t): {"confident_share": ratio(v[1], v[0]), "confident_precision": ratio(v[2], v[1]),
-                                      "confident_background": ratio(v[4], v[3])} for t, v in counts[c].items()}
-                for c in classes}
-        (tmp / "diagnostics.json").write_text(json.dumps(diag, indent=1))
+        (tmp / "diagnostics.json").write_text(json.dumps(diagnostics.to_dict(), indent=1))
     (tmp / ".done").write_text(stamp)
-    from nnunetv2_sss.files import replace_folder
-
     replace_folder(tmp, out)
     return out
 

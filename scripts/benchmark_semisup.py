@@ -128,15 +128,25 @@ class Runner:
             bl.prepare_copied_plans(self.p.dataset, new_id, self.p.configuration, self.base, self.work, 2,
                                     f".planned_{new_id}_{teacher.name}_it{teacher.iterations}")
 
+    def tag(self, arm: Arm, seed: int, split: str, checkpoint: str = "checkpoint_final.pth") -> str:
+        r = self.run_of(arm, seed)
+        return f"{split}_{r.label}_s{seed}_it{r.iterations}_{Path(checkpoint).stem}"
+
     def score(self, arm: Arm, seed: int, split: str, checkpoint: str = "checkpoint_final.pth") -> dict:
+        """Predict ``split`` with the checkpoint and evaluate it (both cached)."""
         r = self.run_of(arm, seed)
         images, labels = ((self.p.test_images, self.p.test_labels) if split == "test"
                           else (self.p.val_images, self.p.val_labels))
-        tag = f"{split}_{r.label}_s{seed}_it{r.iterations}_{Path(checkpoint).stem}"
+        tag = self.tag(arm, seed, split, checkpoint)
         ds_json = bl.raw_folder(self.base, self.p.dataset) / "dataset.json"
         pred = bl.predict_in_process(r.fold_dir(self.work), checkpoint, images, labels, self.work / "predictions" / tag,
                                      ds_json, self.device, THRESHOLDS if split == "val" else ())
         return bl.evaluate(labels, pred, ds_json, self.work / "evaluation" / tag)
+
+    def scored(self, arm: Arm, seed: int, split: str, checkpoint: str = "checkpoint_final.pth") -> dict | None:
+        """The evaluation ``score`` wrote, or None: reporting reads results, it never computes them."""
+        f = self.work / "evaluation" / self.tag(arm, seed, split, checkpoint) / "summary.json"
+        return json.loads(f.read_text()) if f.is_file() else None
 
     def train_and_score(self, arm: Arm, seed: int) -> None:
         self.train(arm, seed)
@@ -188,11 +198,14 @@ def report(rn: Runner, title: str) -> dict:
         entry = {"trainer": a0.trainer, "iterations": a0.iterations, "warm_from": a0.warm_from, "seeds": [],
                  "train_min_total": [], "commits": []}
         for a, s in done:
+            summ = rn.scored(a, s, "test") if a.test else None
+            if a.test and summ is None:
+                entry.setdefault("not_scored_yet", []).append(s)
+                continue
             entry["seeds"].append(s)
             entry["train_min_total"].append(rn.total_seconds(a, s) / 60)
             entry["commits"].append(bl.run_commit(rn.run_of(a, s).fold_dir(work)))
-            if a.test:
-                summ = rn.score(a, s, "test")
+            if summ is not None:
                 for c, n in classes.items():
                     entry.setdefault("dice", {}).setdefault(n, []).append(bl.fg_dice(summ, c))
                     entry.setdefault("hd95", {}).setdefault(n, []).append(bl.fg_hd95(summ, c))
@@ -204,8 +217,10 @@ def report(rn: Runner, title: str) -> dict:
             cks = bl.snapshots(r, work) if label != "sup_long" else [(r.iterations, "checkpoint_final.pth")]
             curve = []
             for it, ck in cks:
-                summ = rn.score(a, s, "val", ck)
-                tag = f"val_{r.label}_s{s}_it{r.iterations}_{Path(ck).stem}"
+                summ = rn.scored(a, s, "val", ck)
+                if summ is None:
+                    continue
+                tag = rn.tag(a, s, "val", ck)
                 diag = json.loads((work / "predictions" / tag / "diagnostics.json").read_text())
                 curve.append({"iterations": it, "total_min": rn.total_seconds(a, s, ck) / 60,
                               "dice": bl.fg_dice(summ), "diagnostics": diag})
@@ -220,8 +235,33 @@ def report(rn: Runner, title: str) -> dict:
     for label, e in arms.items():
         e["gap_closure"] = ((m(label) - sup) / (full - sup)) if (sup is not None and full is not None and
                                                                  "dice" in e and full != sup) else None
+    res["plateau"], res["verdict"] = plateau_and_verdict(arms)
     write_report(res, classes, work)
     return res
+
+
+def plateau_and_verdict(arms: dict) -> tuple[dict | None, dict | None]:
+    """Has supervised plateaued at B (|mean(2B) - mean(B)| below the larger seed std of the two)? Does the
+    recommended arm (``sss_ws``) meet the issue's bar against sup, full, selftrain and sup_long?"""
+    def stats(label: str) -> tuple[float, float] | None:
+        e = arms.get(label, {})
+        return bl.mean_std(e["dice"]["mean"]) if "dice" in e and len(e["dice"]["mean"]) > 1 else None
+
+    sup, sup2, semi, full = stats("sup"), stats("sup_2B"), stats("sss_ws"), stats("full")
+    plateau = None
+    if sup and sup2:
+        diff = sup2[0] - sup[0]
+        plateau = {"diff_2B_minus_B": diff, "seed_std": max(sup[1], sup2[1]),
+                   "plateaued": abs(diff) < max(sup[1], sup2[1])}
+    verdict = None
+    if sup and semi:
+        verdict = {"semi_minus_std_above_sup_plus_std": semi[0] - semi[1] > sup[0] + sup[1]}
+        if full:
+            verdict["gap_closure_at_least_half"] = (semi[0] - sup[0]) / (full[0] - sup[0]) >= 0.5
+        for other in ("selftrain", "sup_long", "unimatch_ws", "sup_2B", "onerun"):
+            if stats(other):
+                verdict[f"above_{other}"] = semi[0] > stats(other)[0]
+    return plateau, verdict
 
 
 def write_report(res: dict, classes: dict[str, str], work: Path) -> None:
@@ -256,10 +296,18 @@ def write_report(res: dict, classes: dict[str, str], work: Path) -> None:
                                             ("confident_share", "confident_precision", "confident_background")))
                 lines.append(f"| {label} | {pt['iterations']} | {pt['total_min']:.1f} | {pt['dice']:.3f} | "
                              + " | ".join(cells) + " |")
+    if res.get("plateau"):
+        pl = res["plateau"]
+        lines += ["", f"Plateau check: mean Dice at 2B − at B = {pl['diff_2B_minus_B']:+.4f}, larger seed std "
+                  f"{pl['seed_std']:.4f}: supervised has {'' if pl['plateaued'] else 'NOT '}plateaued at B."]
+    if res.get("verdict"):
+        lines += ["", "sss_ws against the bar: " + ", ".join(f"{k} {'yes' if v else 'no'}"
+                                                                for k, v in res["verdict"].items()) + "."]
     text = "\n".join(lines) + "\n"
-    bl.write_atomic(work / "results.md", text)
-    bl.write_atomic(work / "results.json", json.dumps(res, indent=1))
-    plot(res, work / "results.png")
+    stem = f"results_B{res['sup_iterations']}_S{res['semi_iterations']}"
+    bl.write_atomic(work / f"{stem}.md", text)
+    bl.write_atomic(work / f"{stem}.json", json.dumps(res, indent=1))
+    plot(res, work / f"{stem}.png")
     print("\n" + text, flush=True)
 
 
