@@ -67,7 +67,7 @@ class Protocol:
     val_images: Path | None = None
     val_labels: Path | None = None
     selftrain_id: int | None = None  # dataset id of the self-training dataset of seed 0 (+seed)
-    tune_lrs: tuple[float, ...] = (0.01,)
+    tune_lrs: tuple[float, ...] = (0.001,)
     arms_wanted: tuple[str, ...] | None = None
     locks: defaultdict = field(default_factory=lambda: defaultdict(threading.Lock))
 

@@ -1,6 +1,7 @@
 """The main job on the embedded synthetic dataset, with the real nnU-Net commands, on the CPU, in a few minutes.
 
-make the dataset -> nnUNetv2_plan_and_preprocess -> nnUNetv2_sss_preprocess_unlabeled -> nnUNetv2_train with a
+make the dataset -> nnUNetv2_plan_and_preprocess -> a small configuration (nnUNetv2_sss_add_config) ->
+nUNetv2_sss_preprocess_unlabeled -> nnUNetv2_train with a
 short SSS variant (stock command, trainer found through nnUNet_extTrainer) -> nnUNetv2_predict on the test
 images -> nnUNetv2_evaluate_folder -> where everything is. Every command is printed before it runs.
 """
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIG = "2d_demo"
 
 
 def main() -> None:
@@ -53,16 +55,20 @@ def main() -> None:
     raw = make_synthetic_dataset(dataset_id=d, overwrite=True)
     print(f"synthetic dataset: {raw}")
     run("nnUNetv2_plan_and_preprocess", "-d", str(d), "-c", "2d", "-np", "1", "--verify_dataset_integrity")
-    run("nnUNetv2_sss_preprocess_unlabeled", "-d", str(d), "-c", "2d", "-np", "1")
-    run("nnUNetv2_train", str(d), "2d", "0", "-tr", a.trainer, "-device", "cpu")
+    # the planner's 2d network (5 stages, 32-512 features) is sized for a GPU; 64x64 synthetic slices need far less:
+    # a configuration that inherits 2d's preprocessing with 4 stages of 16-128 features
+    run("nnUNetv2_sss_add_config", "-d", str(d), "--name", CONFIG, "--n-stages", "4", "--base-features", "16",
+        "--max-features", "128")
+    run("nnUNetv2_sss_preprocess_unlabeled", "-d", str(d), "-c", CONFIG, "-np", "1")
+    run("nnUNetv2_train", str(d), CONFIG, "0", "-tr", a.trainer, "-device", "cpu")
     pred = out / "predictions"
     shutil.rmtree(pred, ignore_errors=True)
-    run("nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", str(d), "-c", "2d", "-f", "0",
+    run("nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", str(d), "-c", CONFIG, "-f", "0",
         "-tr", a.trainer, "-npp", "1", "-nps", "1", "-device", "cpu")
     run("nnUNetv2_evaluate_folder", str(raw / "labelsTs"), str(pred), "-djfile", str(pred / "dataset.json"),
         "-pfile", str(pred / "plans.json"))
     summary = json.loads((pred / "summary.json").read_text())
-    fold = out / "nnUNet_results" / raw.name / f"{a.trainer}__nnUNetPlans__2d" / "fold_0"
+    fold = out / "nnUNet_results" / raw.name / f"{a.trainer}__nnUNetPlans__{CONFIG}" / "fold_0"
     print(f"\nDone in {time.time() - t0:.0f} s.")
     print(f"  trained model + progress.png + training log: {fold}")
     print(f"  test-set predictions: {pred}")

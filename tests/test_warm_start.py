@@ -41,7 +41,8 @@ def supervised(tmp_path_factory: pytest.TempPathFactory):
     run_cli({**os.environ}, "nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "1")
     run_cli({**os.environ}, "nnUNetv2_sss_preprocess_unlabeled", "-d", str(DATASET_ID), "-c", "2d", "-np", "1")
     env = {**os.environ, "nnUNet_sss_seed": "3", "nnUNet_sss_num_epochs": "1", "nnUNet_sss_iterations_per_epoch": "4",
-           "nnUNet_sss_val_iterations_per_epoch": "1", "nnUNet_sss_skip_final_validation": "1"}
+           "nnUNet_sss_val_iterations_per_epoch": "1", "nnUNet_sss_skip_final_validation": "1",
+           "nnUNet_sss_warm_start_lr": "0.001"}
     run_cli(env, "nnUNetv2_train", str(DATASET_ID), "2d", "all", "-tr", "nnUNetTrainer_budget", "-device", "cpu")
     ck = next(dirs["nnUNet_results"].rglob("nnUNetTrainer_budget__*/fold_all/checkpoint_final.pth"))
     yield root, ck
@@ -86,7 +87,7 @@ def test_warm_started_trainer_predicts_like_the_supervised_model_and_teacher_sta
         assert torch.equal(r, te), "the EMA teacher does not start as the loaded network"
     heads = [k for k in sup.state_dict() if ".seg_layers." in k]
     assert heads and all(torch.equal(sup.state_dict()[k], net.state_dict()[k]) for k in heads)
-    assert t.initial_lr == t.warm_start_initial_lr != 1e-2 and t.supervised_warmup_steps() == 0
+    assert t.initial_lr == t.warm_start_initial_lr and t.supervised_warmup_steps() == 0
     assert t.optimizer.param_groups[0]["lr"] == pytest.approx(t.warm_start_initial_lr)
     # the DFE is made after the load and is the identity at its start: it cannot change what was loaded
     assert t.dfe is not None
