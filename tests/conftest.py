@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,6 +32,38 @@ def run_cli(env: dict[str, str], *cmd: str, ok: bool = True) -> subprocess.Compl
     if ok and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
+
+
+@contextlib.contextmanager
+def planned_synthetic(root: Path, dataset_id: int, n_labeled: int, n_unlabeled: int,
+                      preprocess_unlabeled: bool = False) -> Iterator[tuple[dict[str, Path], Path]]:
+    """A small synthetic dataset (2 slices of 32x32) planned and preprocessed (2d) by nnU-Net's own commands in
+    fresh nnU-Net folders under ``root``; nnU-Net's variables point there (augmentation in-process) until the block
+    ends. Yields the folders and the raw dataset."""
+    from nnunetv2_sss.cli import ensure_ext_trainer_env
+
+    dirs = {k: root / k for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    for v in dirs.values():
+        v.mkdir()
+    old = {k: os.environ.get(k) for k in (*dirs, "nnUNet_extTrainer", "nnUNet_n_proc_DA")}
+    os.environ.update({k: str(v) for k, v in dirs.items()})
+    os.environ.update(nnUNet_extTrainer=ensure_ext_trainer_env(), nnUNet_n_proc_DA="0")
+    try:
+        from nnunetv2_sss.datasets.synthetic import make_synthetic_dataset  # after the variables: nnunetv2.paths
+
+        raw = make_synthetic_dataset(dataset_id=dataset_id, n_labeled=n_labeled, n_unlabeled=n_unlabeled,
+                                     n_test=0, shape=(2, 32, 32), overwrite=True)
+        run_cli({**os.environ}, "nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", "2d", "-np", "1")
+        if preprocess_unlabeled:
+            run_cli({**os.environ}, "nnUNetv2_sss_preprocess_unlabeled", "-d", str(dataset_id), "-c", "2d", "-np",
+                    "1")
+        yield dirs, raw
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def save_random_sam2_checkpoint(folder: Path, image_size: int) -> Path:

@@ -16,13 +16,12 @@ cross-rank sums of the unsupervised CE/Dice, the DFE broadcast and the EMA teach
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import run_cli
+from conftest import planned_synthetic
 
 DATASET_ID = 984
 TRAINER = "nnUNetTrainerSSS_noSAM_EMA"
@@ -31,26 +30,9 @@ N_LATER_STEPS = 3
 
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory: pytest.TempPathFactory):
-    from nnunetv2_sss.cli import ensure_ext_trainer_env
-
     root = tmp_path_factory.mktemp("ddp")
-    dirs = {k: root / k for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
-    for v in dirs.values():
-        v.mkdir()
-    old = {k: os.environ.get(k) for k in (*dirs, "nnUNet_extTrainer", "nnUNet_n_proc_DA")}
-    os.environ.update({k: str(v) for k, v in dirs.items()})
-    os.environ.update(nnUNet_extTrainer=ensure_ext_trainer_env(), nnUNet_n_proc_DA="0")
-    from nnunetv2_sss.datasets.synthetic import make_synthetic_dataset
-
-    make_synthetic_dataset(dataset_id=DATASET_ID, n_labeled=5, n_unlabeled=3, n_test=0, shape=(2, 32, 32),
-                           overwrite=True)
-    run_cli({**os.environ}, "nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "1")
-    yield root
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with planned_synthetic(root, DATASET_ID, n_labeled=5, n_unlabeled=3):
+        yield root
 
 
 def _trainer(global_batch: int, cpu_ddp: bool = False):

@@ -19,34 +19,16 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import run_cli
+from conftest import planned_synthetic, run_cli
 
 DATASET_ID = 983
 
 
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory: pytest.TempPathFactory):
-    from nnunetv2_sss.cli import ensure_ext_trainer_env
-
     root = tmp_path_factory.mktemp("reliability")
-    dirs = {k: root / k for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
-    for v in dirs.values():
-        v.mkdir()
-    old = {k: os.environ.get(k) for k in (*dirs, "nnUNet_extTrainer", "nnUNet_n_proc_DA")}
-    os.environ.update({k: str(v) for k, v in dirs.items()})
-    os.environ.update(nnUNet_extTrainer=ensure_ext_trainer_env(), nnUNet_n_proc_DA="0")
-    env = {**os.environ}
-    from nnunetv2_sss.datasets.synthetic import make_synthetic_dataset
-
-    raw = make_synthetic_dataset(dataset_id=DATASET_ID, n_labeled=5, n_unlabeled=3, n_test=0, shape=(2, 32, 32),
-                                 overwrite=True)
-    run_cli(env, "nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "1")
-    yield env, dirs, raw
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with planned_synthetic(root, DATASET_ID, n_labeled=5, n_unlabeled=3) as (dirs, raw):
+        yield {**os.environ}, dirs, raw
 
 
 def _out(dirs: dict[str, Path], raw: Path) -> Path:

@@ -13,7 +13,7 @@ import os
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import planned_synthetic, run_cli
 
 DATASET_ID = 985
 TRAINER = "nnUNetTrainerSSS_noSAM"
@@ -21,28 +21,9 @@ TRAINER = "nnUNetTrainerSSS_noSAM"
 
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory: pytest.TempPathFactory):
-    from nnunetv2_sss.cli import ensure_ext_trainer_env
-
     root = tmp_path_factory.mktemp("step")
-    dirs = {k: root / k for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
-    for v in dirs.values():
-        v.mkdir()
-    keys = (*dirs, "nnUNet_extTrainer", "nnUNet_n_proc_DA")
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ.update({k: str(v) for k, v in dirs.items()})
-    os.environ.update(nnUNet_extTrainer=ensure_ext_trainer_env(), nnUNet_n_proc_DA="0")
-    from nnunetv2_sss.datasets.synthetic import make_synthetic_dataset
-
-    make_synthetic_dataset(dataset_id=DATASET_ID, n_labeled=4, n_unlabeled=3, n_test=0, shape=(2, 32, 32),
-                           overwrite=True)
-    run_cli({**os.environ}, "nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "1")
-    run_cli({**os.environ}, "nnUNetv2_sss_preprocess_unlabeled", "-d", str(DATASET_ID), "-c", "2d", "-np", "1")
-    yield root
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with planned_synthetic(root, DATASET_ID, n_labeled=4, n_unlabeled=3, preprocess_unlabeled=True):
+        yield root
 
 
 def _trainer():

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import planned_synthetic, run_cli
 
 DATASET_ID = 987
 
@@ -24,33 +24,14 @@ DATASET_ID = 987
 @pytest.fixture(scope="module")
 def supervised(tmp_path_factory: pytest.TempPathFactory):
     """A synthetic dataset, planned, with a supervised checkpoint of fold ``all`` (stock nnU-Net's loss)."""
-    from nnunetv2_sss.cli import ensure_ext_trainer_env
-
     root = tmp_path_factory.mktemp("warm")
-    dirs = {k: root / k for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
-    for v in dirs.values():
-        v.mkdir()
-    keys = (*dirs, "nnUNet_extTrainer", "nnUNet_n_proc_DA")
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ.update({k: str(v) for k, v in dirs.items()})
-    os.environ.update(nnUNet_extTrainer=ensure_ext_trainer_env(), nnUNet_n_proc_DA="0")
-    from nnunetv2_sss.datasets.synthetic import make_synthetic_dataset
-
-    make_synthetic_dataset(dataset_id=DATASET_ID, n_labeled=4, n_unlabeled=3, n_test=0, shape=(2, 32, 32),
-                           overwrite=True)
-    run_cli({**os.environ}, "nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "1")
-    run_cli({**os.environ}, "nnUNetv2_sss_preprocess_unlabeled", "-d", str(DATASET_ID), "-c", "2d", "-np", "1")
-    env = {**os.environ, "nnUNet_sss_seed": "3", "nnUNet_sss_num_epochs": "1", "nnUNet_sss_iterations_per_epoch": "4",
-           "nnUNet_sss_val_iterations_per_epoch": "1", "nnUNet_sss_skip_final_validation": "1",
-           "nnUNet_sss_warm_start_lr": "0.001"}
-    run_cli(env, "nnUNetv2_train", str(DATASET_ID), "2d", "all", "-tr", "nnUNetTrainer_budget", "-device", "cpu")
-    ck = next(dirs["nnUNet_results"].rglob("nnUNetTrainer_budget__*/fold_all/checkpoint_final.pth"))
-    yield root, ck
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with planned_synthetic(root, DATASET_ID, n_labeled=4, n_unlabeled=3, preprocess_unlabeled=True) as (dirs, _):
+        env = {**os.environ, "nnUNet_sss_seed": "3", "nnUNet_sss_num_epochs": "1",
+               "nnUNet_sss_iterations_per_epoch": "4", "nnUNet_sss_val_iterations_per_epoch": "1",
+               "nnUNet_sss_skip_final_validation": "1"}
+        run_cli(env, "nnUNetv2_train", str(DATASET_ID), "2d", "all", "-tr", "nnUNetTrainer_budget", "-device", "cpu")
+        ck = next(dirs["nnUNet_results"].rglob("nnUNetTrainer_budget__*/fold_all/checkpoint_final.pth"))
+        yield root, ck
 
 
 def _trainer(name: str, init: Path | None, fold="all"):
