@@ -90,13 +90,19 @@ class Run:
     iterations: int
     configuration: str
     iters_per_epoch: int = 50
+    after: str = ""  # the run it starts from or learns from (e.g. 'sup4000'): part of its folder's name
 
     @property
     def name(self) -> str:
         return f"{self.label}_s{self.seed}"
 
+    @property
+    def key(self) -> str:
+        """Unique per run: label, seed, iterations and what it starts from."""
+        return f"{self.label}_s{self.seed}_it{self.iterations}" + (f"_after_{self.after}" if self.after else "")
+
     def results_root(self, work: Path) -> Path:
-        return work / "results" / f"{self.label}_s{self.seed}_it{self.iterations}"
+        return work / "results" / self.key
 
     def fold_dir(self, work: Path) -> Path:
         root = self.results_root(work)
@@ -377,6 +383,8 @@ def build_self_training_dataset(teacher: Run, base: dict[str, str], work: Path, 
     marker = work / f".selftrain_{new_id}_{teacher.name}_it{teacher.iterations}"  # a new teacher rebuilds it
     if not todo(marker, f"self-training dataset {new_id} from {teacher.name}"):
         return
+    for other in work.glob(f".*_{new_id}_*"):  # what was built for dataset new_id from another teacher is gone now
+        other.unlink()
     pseudo = predict(teacher, base, work, source_raw / "imagesUnlabeled", work / "predictions" /
                      f"unlabeled_{teacher.name}_it{teacher.iterations}", device)
     ds = json.loads((source_raw / "dataset.json").read_text())

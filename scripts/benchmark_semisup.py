@@ -99,7 +99,9 @@ class Runner:
         self.commit = bl.git_commit()
 
     def run_of(self, arm: Arm, seed: int) -> bl.Run:
-        return bl.Run(arm.label, arm.dataset, arm.trainer, seed, arm.iterations, self.p.configuration)
+        source = arm.warm_from or ("sup" if arm.label == "selftrain" else None)
+        after = f"{source}{self.arm(source, seed).iterations}" if source else ""
+        return bl.Run(arm.label, arm.dataset, arm.trainer, seed, arm.iterations, self.p.configuration, after=after)
 
     def arm(self, label: str, seed: int) -> Arm:
         return next(a for a in self.p.arms(seed, seed == self.seeds[0]) if a.label == label)
@@ -129,8 +131,7 @@ class Runner:
                                     f".planned_{new_id}_{teacher.name}_it{teacher.iterations}")
 
     def tag(self, arm: Arm, seed: int, split: str, checkpoint: str = "checkpoint_final.pth") -> str:
-        r = self.run_of(arm, seed)
-        return f"{split}_{r.label}_s{seed}_it{r.iterations}_{Path(checkpoint).stem}"
+        return f"{split}_{self.run_of(arm, seed).key}_{Path(checkpoint).stem}"
 
     def score(self, arm: Arm, seed: int, split: str, checkpoint: str = "checkpoint_final.pth") -> dict:
         """Predict ``split`` with the checkpoint and evaluate it (both cached)."""
@@ -346,6 +347,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--arms", nargs="*", default=None, help="only these arms (e.g. sup sss_ws selftrain)")
     p.add_argument("--jobs", type=int, default=2, help="training runs at once (one torch thread each when > 1)")
+    p.add_argument("--tune-lrs", type=float, nargs="*", default=[0.001],
+                   help="semi-stage learning rates tried on the validation cases, first seed (default: 0.001; the "
+                        "trainers' default is 0.01)")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--device", default="cpu")
 
@@ -375,7 +379,7 @@ def main() -> None:
     base = bl.bench_env(a.work.resolve(), a.jobs)
     prot = Protocol(a.d, a.c, a.test_images, a.test_labels, a.sup_iterations, a.semi_iterations, a.long_factor,
                     a.full_dataset, a.val_images, a.val_labels, a.selftrain_id,
-                    arms_wanted=tuple(a.arms) if a.arms else None)
+                    arms_wanted=tuple(a.arms) if a.arms else None, tune_lrs=tuple(a.tune_lrs))
     run_protocol(prot, a, base, f"Dataset{a.d:03d}")
 
 
