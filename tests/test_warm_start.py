@@ -145,7 +145,8 @@ def test_warm_started_run_through_stock_nnunetv2_train(supervised) -> None:
     out = root / "ws_results"
     env = {**os.environ, "nnUNet_results": str(out), "nnUNet_sss_init_checkpoint": str(ck), "nnUNet_sss_seed": "0",
            "nnUNet_sss_num_epochs": "1", "nnUNet_sss_iterations_per_epoch": "2",
-           "nnUNet_sss_val_iterations_per_epoch": "1", "nnUNet_sss_skip_final_validation": "1"}
+           "nnUNet_sss_val_iterations_per_epoch": "1", "nnUNet_sss_skip_final_validation": "1",
+           "nnUNet_sss_warm_start_lr": "0.001"}
     run_cli(env, "nnUNetv2_train", str(DATASET_ID), "2d", "all", "-tr", "nnUNetTrainerSSS_noSAM", "-device", "cpu")
     log = next(out.rglob("training_log_*.txt")).read_text()
     assert f"warm start from {ck}" in log and "initial lr 0.001" in log
