@@ -72,16 +72,16 @@ class _SAM5Epochs(ShortRun):
 
 
 class nnUNetTrainerSSS_smoke(_SAMSmoke, nnUNetTrainerSSS):
-    pass
+    """A few iterations of the full SSS trainer with one SAM-2 refresh: the pipeline, not learning."""
 
 
 class nnUNetTrainerSSS_5epochs(_SAM5Epochs, nnUNetTrainerSSS):
-    pass
+    """Five epochs of the full SSS trainer with two SAM-2 refreshes."""
 
 
 class nnUNetTrainerSemiSAM_smoke(_SAMSmoke, nnUNetTrainerSemiSAM):
-    pass
+    """A few iterations of SemiSAM with one SAM-2 refresh: the pipeline, not learning."""
 
 
 class nnUNetTrainerSemiSAM_5epochs(_SAM5Epochs, nnUNetTrainerSemiSAM):
-    pass
+    """Five epochs of SemiSAM with two SAM-2 refreshes."""
