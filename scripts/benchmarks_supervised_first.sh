@@ -1,0 +1,21 @@
+#!/bin/bash
+# The supervised-first benchmarks of the README, in priority order; resumable: rerun to continue.
+# Usage: WORK=benchmark_output DATA=../shared/data bash scripts/benchmarks_supervised_first.sh
+# Run it from a git worktree at a fixed commit (every run's run.json records the commit).
+set -e
+cd "$(dirname "$0")/.."
+PY=${PY:-python}
+WORK=${WORK:-benchmark_output}
+DATA=${DATA:-../shared/data}
+echo "== $(date) at $(git rev-parse --short HEAD)"
+# Hippocampus round 2 (B = 4000: its sup is round 1's sup_2B when that work folder is kept), the verdict arms first
+$PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hippocampus" \
+  --sup-iterations 4000 --semi-iterations 500 --seeds 0 1 2 --jobs 2 \
+  --arms sup sss_ws sup_long selftrain unimatch_ws tune_sss_ws
+# ACDC, 3 labeled patients
+$PY scripts/benchmark_acdc.py --acdc "$DATA/ACDC" --work "$WORK/acdc" \
+  --sup-iterations 3000 --semi-iterations 600 --seeds 0 1 --jobs 2 --arms sup sss_ws selftrain full sup_2B
+# the rest of Hippocampus round 2 (plateau check at 8000, the all-labeled reference, the one-run trainer)
+$PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hippocampus" \
+  --sup-iterations 4000 --semi-iterations 500 --seeds 0 1 2 --jobs 2
+echo "== $(date) done"
