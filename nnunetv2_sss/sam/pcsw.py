@@ -79,36 +79,34 @@ _CONNECTIVITY_RANK = {6: 1, 18: 2, 26: 3}
 
 @dataclass(frozen=True)
 class PCSWConfig:
-    """Knobs of the generator.
-
-    window: consecutive slices in the sliding window (1 = purely 2D, no cross-slice check).
-    tau: physical consistency threshold on (largest 3D component voxels) / (class voxels in the window).
-    window_mode: "centred" -- only the window centred on the slice (shifted at the volume ends) decides, so the
-        decision looks symmetrically up and down; "any" -- the slice is prompted if any window containing it is
-        consistent (the most consistent one supplies the component), which is more permissive at object ends.
-    connectivity: 3D connectivity of the components, 6, 18 or 26.
-    box_margin: margin added on each side of the box, as a fraction of the box side along that axis (rounded up).
-    min_margin_px: lower bound of that margin in pixels, so tiny objects still get some context.
-    negative_points: add one negative point per other foreground class inside the box.
-    min_pixels: components with fewer pixels on the slice get no prompt (too small to steer SAM), regardless of
-        the learned limits.
-    min_score: with class probabilities given, the mean probability of the class over the component must reach
-        this; 0 disables the check.
-    mode: "component" (SSS) -- one prompt per kept 3D component, on its largest-area slice, carried through the
-        component's other slices by SAM-2's video predictor (``generate_component_prompts``); "slice" -- one
-        prompt per accepted (slice, class), each decoded on its own slice (``generate_prompts``).
-    """
+    """Knobs of the generator; each field's meaning stands under it."""
 
     window: int = 3
+    """Consecutive slices in the sliding window (1 = purely 2D, no cross-slice check)."""
     tau: float = 0.8
+    """Physical consistency threshold on (largest 3D component voxels) / (class voxels in the window)."""
     window_mode: str = "centred"
+    """Which windows decide. "centred": only the window centred on the slice (shifted at the volume ends), so the
+    decision looks symmetrically up and down; "any": the slice is prompted if any window containing it is
+    consistent (the most consistent one supplies the component), more permissive at object ends."""
     connectivity: int = 26
+    """3D connectivity of the components: 6, 18 or 26."""
     box_margin: float = 0.05
+    """Margin added on each side of the box, as a fraction of the box side along that axis (rounded up)."""
     min_margin_px: int = 1
+    """Lower bound of that margin in pixels, so tiny objects still get some context."""
     negative_points: bool = True
+    """One negative point per other foreground class inside the box."""
     min_pixels: int = 5
+    """Components with fewer pixels on the slice get no prompt (too small to steer SAM), whatever the learned
+    limits."""
     min_score: float = 0.0
+    """With class probabilities given, the mean probability of the class over the component must reach this; 0
+    disables the check."""
     mode: str = "component"
+    """What is prompted. "component" (SSS): one prompt per kept 3D component, on its largest-area slice, carried
+    through the component's other slices by SAM-2's video predictor (``generate_component_prompts``); "slice": one
+    prompt per accepted (slice, class), each decoded on its own slice (``generate_prompts``)."""
 
     def __post_init__(self) -> None:
         if self.window < 1:
