@@ -112,14 +112,22 @@ def train_entry() -> None:
     run_training_entry()
 
 
+def _add_preprocessed_dataset_args(parser: argparse.ArgumentParser, several_configurations: bool) -> None:
+    """-d / -c / -p as nnU-Net's own commands name them: which dataset, configuration(s) and plans."""
+    parser.add_argument("-d", "--dataset", required=True, help="dataset name or id, e.g. 27 or Dataset027_ACDC")
+    if several_configurations:
+        parser.add_argument("-c", "--configurations", nargs="+", default=["2d"], help="configurations (default: 2d)")
+    else:
+        parser.add_argument("-c", "--configuration", default="2d", help="configuration (default: 2d)")
+    parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+
+
 @entry_point
 def preprocess_unlabeled_entry() -> None:
     parser = argparse.ArgumentParser(
         description="Preprocess nnUNet_raw/DatasetXXX/imagesUnlabeled with the dataset's own plans and nnU-Net's own "
                     "preprocessor. Output: nnUNet_preprocessed/DatasetXXX/<data_identifier>_unlabeled/.")
-    parser.add_argument("-d", "--dataset", required=True, help="dataset name or id, e.g. 27 or Dataset027_ACDC")
-    parser.add_argument("-c", "--configurations", nargs="+", default=["2d"], help="configurations (default: 2d)")
-    parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+    _add_preprocessed_dataset_args(parser, several_configurations=True)
     parser.add_argument("-np", "--num_processes", type=int, default=2, help="worker processes (default: 2)")
     parser.add_argument("--force", action="store_true", help="redo even if the existing output is up to date")
     args = parser.parse_args()
@@ -170,9 +178,7 @@ def cache_sam2_entry() -> None:
                     "nnUNetv2_sss_preprocess_unlabeled first). Nothing is downloaded: the checkpoint is a local file. "
                     "Only cases whose preprocessed arrays changed (content hash) are encoded again; an interrupted "
                     "run resumes; concurrent runs wait for each other.")
-    parser.add_argument("-d", "--dataset", required=True, help="dataset name or id, e.g. 27 or Dataset027_ACDC")
-    parser.add_argument("-c", "--configuration", default="2d", help="configuration (default: 2d)")
-    parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+    _add_preprocessed_dataset_args(parser, several_configurations=False)
     parser.add_argument("--checkpoint", default=None,
                         help="SAM-2 checkpoint file (default: env var nnUNet_sss_sam2_checkpoint)")
     parser.add_argument("--config", default=None,
