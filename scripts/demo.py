@@ -54,7 +54,9 @@ def main() -> None:
     d = a.dataset_id
     raw = make_synthetic_dataset(dataset_id=d, overwrite=True)
     print(f"synthetic dataset: {raw}")
-    run("nnUNetv2_plan_and_preprocess", "-d", str(d), "-c", "2d", "-np", "1", "--verify_dataset_integrity")
+    # one process each for fingerprinting and preprocessing: 6 small cases do not pay for 8 spawned interpreters
+    run("nnUNetv2_plan_and_preprocess", "-d", str(d), "-c", "2d", "-npfp", "1", "-np", "1",
+        "--verify_dataset_integrity")
     # the planner's 2d network (5 stages, 32-512 features) is sized for a GPU; 64x64 synthetic slices need far less:
     # a configuration that inherits 2d's preprocessing with 4 stages of 16-128 features
     run("nnUNetv2_sss_add_config", "-d", str(d), "--name", CONFIG, "--n-stages", "4", "--base-features", "16",
