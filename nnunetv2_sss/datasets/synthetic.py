@@ -4,8 +4,10 @@ Each case is a short-axis stack: a bright blood pool (label 3, LV-like cavity) i
 myocardium-like), a crescent-ish bright blob beside it (label 1, RV-like), inside a body ellipse with a few
 distractor structures, a smooth bias field, blur and noise. Centre, radii, intensities and the bias field are
 random per case; the shapes shrink smoothly from base to apex and the last slices of some cases are empty, so a
-network learns it within minutes on a CPU yet has to use context (the RV blob and the cavity have similar
-intensity, the myocardium is as dark as some background).
+network learns it within minutes on a CPU yet has to use context (the myocardium is as dark as some background,
+bright distractors look like blood). The RV blood is brighter than the LV's: with RV and LV blood alike, stock
+supervised nnU-Net on the 4 training cases of the demo still predicted no RV pixel after 300 iterations
+(seed 0), so the demo could not show every class learned in a few minutes.
 """
 
 from __future__ import annotations
@@ -50,9 +52,9 @@ def synthetic_case(rng: np.random.Generator, shape: tuple[int, int, int]) -> tup
     n_empty = int(rng.integers(0, 2)) if nz >= 4 else 0  # apical slices beyond the heart
     n_heart = nz - n_empty
     drift = rng.normal(0, 0.015 * size, size=2)  # centre moves slightly from base to apex
-    # intensities: blood bright, muscle dark, body medium; RV blood slightly different from LV blood
+    # intensities: blood bright, muscle dark, body medium; RV blood the brightest (see the module docstring)
     i_body, i_blood, i_muscle = rng.uniform(0.4, 0.55), rng.uniform(0.8, 1.0), rng.uniform(0.08, 0.2)
-    i_rv = i_blood * rng.uniform(0.85, 1.0)
+    i_rv = i_blood * rng.uniform(1.25, 1.4)
     distractors = [(rng.uniform(0.2, 0.8) * ny, rng.uniform(0.2, 0.8) * nx, rng.uniform(0.04, 0.08) * size,
                     rng.uniform(0.1, 0.95)) for _ in range(3)]
 
