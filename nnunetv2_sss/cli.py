@@ -243,8 +243,6 @@ def dataset_tool(what: str, description: str, name_default: str | None,
     (which imports the library lazily, so ``--help`` stays fast); ``--name``/``--overwrite``, parsing and the
     ``DatasetToolError`` message (bad input: exit 1, no traceback) are the same for every such command."""
     def wrap(declare: Callable[[argparse.ArgumentParser], DatasetWriter]) -> Callable[[], None]:
-        @entry_point
-        @functools.wraps(declare)
         def run() -> None:
             parser = argparse.ArgumentParser(description=description)
             write = declare(parser)
@@ -259,7 +257,10 @@ def dataset_tool(what: str, description: str, name_default: str | None,
                 parser.exit(1, f"error: {e}\n")
             print(f"{what}: {out}")
 
-        return run
+        # name and docstring of the command, but not its signature: the console script takes no arguments
+        run.__name__, run.__qualname__, run.__doc__ = declare.__name__, declare.__qualname__, declare.__doc__
+        run.__module__ = declare.__module__
+        return entry_point(run)
 
     return wrap
 
