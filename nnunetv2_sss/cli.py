@@ -234,43 +234,30 @@ def add_config_entry() -> None:
         print(f"It reuses the preprocessed data of '{args.parent}'.")
 
 
-DatasetWriter = Callable[[argparse.Namespace], Path]
+def _add_output_dataset_args(parser: argparse.ArgumentParser, name_default: str | None, name_help: str) -> None:
+    parser.add_argument("--name", default=name_default, help=name_help)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset with the new id")
 
 
-def dataset_tool(what: str, description: str, name_default: str | None,
-                 name_help: str) -> Callable[[Callable[[argparse.ArgumentParser], DatasetWriter]], Callable[[], None]]:
-    """A command that writes a raw dataset. The decorated function declares its own arguments and returns the writer
-    (which imports the library lazily, so ``--help`` stays fast); ``--name``/``--overwrite``, parsing and the
-    ``DatasetToolError`` message (bad input: exit 1, no traceback) are the same for every such command."""
-    def wrap(declare: Callable[[argparse.ArgumentParser], DatasetWriter]) -> Callable[[], None]:
-        def run() -> None:
-            parser = argparse.ArgumentParser(description=description)
-            write = declare(parser)
-            parser.add_argument("--name", default=name_default, help=name_help)
-            parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset with the new id")
-            args = parser.parse_args()
-            from nnunetv2_sss.datasets.label_budget import DatasetToolError
+def _run_dataset_tool(parser: argparse.ArgumentParser, make: Callable[[argparse.Namespace], Path],
+                      what: str) -> None:
+    """Parse the arguments and write the dataset; a ``DatasetToolError`` (bad input) ends with its message, exit 1."""
+    args = parser.parse_args()
+    from nnunetv2_sss.datasets.label_budget import DatasetToolError
 
-            try:
-                out = write(args)
-            except DatasetToolError as e:
-                parser.exit(1, f"error: {e}\n")
-            print(f"{what}: {out}")
-
-        # name and docstring of the command, but not its signature: the console script takes no arguments
-        run.__name__, run.__qualname__, run.__doc__ = declare.__name__, declare.__qualname__, declare.__doc__
-        run.__module__ = declare.__module__
-        return entry_point(run)
-
-    return wrap
+    try:
+        out = make(args)
+    except DatasetToolError as e:
+        parser.exit(1, f"error: {e}\n")
+    print(f"{what}: {out}")
 
 
-@dataset_tool("synthetic dataset",
-              "Write a small synthetic cardiac-like dataset (labels RV/MYO/LV look-alikes, spacing 5x1.5x1.5 mm) to "
-              "nnUNet_raw: imagesTr/labelsTr, imagesUnlabeled, imagesTs/labelsTs.",
-              "SSSSynthetic", "dataset name (default: SSSSynthetic)")
-def make_synthetic_entry(parser: argparse.ArgumentParser) -> DatasetWriter:
+@entry_point
+def make_synthetic_entry() -> None:
     """``nnUNetv2_sss_make_synthetic``: the generated cardiac-like dataset, so a demo needs no download."""
+    parser = argparse.ArgumentParser(
+        description="Write a small synthetic cardiac-like dataset (labels RV/MYO/LV look-alikes, spacing 5x1.5x1.5 "
+                    "mm) to nnUNet_raw: imagesTr/labelsTr, imagesUnlabeled, imagesTs/labelsTs.")
     parser.add_argument("-d", "--dataset_id", type=int, default=990, help="dataset id (default: 990)")
     parser.add_argument("--n_labeled", type=int, default=6, help="labeled training cases (default: 6)")
     parser.add_argument("--n_unlabeled", type=int, default=16, help="unlabeled cases (default: 16)")
@@ -278,23 +265,24 @@ def make_synthetic_entry(parser: argparse.ArgumentParser) -> DatasetWriter:
     parser.add_argument("--shape", type=int, nargs=3, default=(6, 64, 64), metavar=("Z", "Y", "X"),
                         help="volume shape (default: 6 64 64)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    _add_output_dataset_args(parser, "SSSSynthetic", "dataset name (default: SSSSynthetic)")
 
-    def write(args: argparse.Namespace) -> Path:
+    def make(args: argparse.Namespace) -> Path:
         from nnunetv2_sss.datasets.synthetic import make_synthetic_dataset
 
         return make_synthetic_dataset(args.dataset_id, args.name, args.n_labeled, args.n_unlabeled, args.n_test,
                                       args.seed, tuple(args.shape), args.overwrite)
 
-    return write
+    _run_dataset_tool(parser, make, "synthetic dataset")
 
 
-@dataset_tool("label-budget dataset",
-              "Copy nnU-Net raw dataset D to NEW_ID keeping labels only for the chosen cases; the other training cases "
-              "move to imagesUnlabeled/. Example: nnUNetv2_sss_label_budget -d 27 -o 127 --n 3 "
-              "--group-regex '(patient\\d+)'",
-              None, "name of the new dataset (default: <source>_<k>cases|groups)")
-def label_budget_entry(parser: argparse.ArgumentParser) -> DatasetWriter:
+@entry_point
+def label_budget_entry() -> None:
     """``nnUNetv2_sss_label_budget``: a copy of a raw dataset where only some cases (or patients) keep labels."""
+    parser = argparse.ArgumentParser(
+        description="Copy nnU-Net raw dataset D to NEW_ID keeping labels only for the chosen cases; the other "
+                    "training cases move to imagesUnlabeled/. Example: nnUNetv2_sss_label_budget -d 27 -o 127 --n 3 "
+                    "--group-regex '(patient\\d+)'")
     parser.add_argument("-d", "--dataset", required=True, help="source dataset name or id")
     parser.add_argument("-o", "--new_id", type=int, required=True, help="id of the new dataset")
     sel = parser.add_mutually_exclusive_group(required=True)
@@ -304,33 +292,35 @@ def label_budget_entry(parser: argparse.ArgumentParser) -> DatasetWriter:
     parser.add_argument("--group-regex", default=None,
                         help="regex whose first group names a case's group (e.g. patient); groups are chosen whole")
     parser.add_argument("--seed", type=int, default=0, help="random seed for --n / --fraction (default: 0)")
+    _add_output_dataset_args(parser, None, "name of the new dataset (default: <source>_<k>cases|groups)")
 
-    def write(args: argparse.Namespace) -> Path:
+    def make(args: argparse.Namespace) -> Path:
         from nnunetv2_sss.datasets.label_budget import make_label_budget
 
         return make_label_budget(args.dataset, args.new_id, n=args.n, fraction=args.fraction, cases=args.cases,
                                  group_regex=args.group_regex, seed=args.seed, name=args.name,
                                  overwrite=args.overwrite)
 
-    return write
+    _run_dataset_tool(parser, make, "label-budget dataset")
 
 
-@dataset_tool("ACDC dataset",
-              "Convert ACDC in the SSL4MIS/UniMatch HDF5 layout (data/, train.list, val.list) to an nnU-Net raw "
-              "dataset: labeled patients -> imagesTr/labelsTr, other training patients -> imagesUnlabeled, "
-              "validation volumes -> imagesTs/labelsTs. Spacing (z,y,x) = (10, 1, 1): the files store none.",
-              None, "dataset name (default: ACDC or ACDC_<k>labeled)")
-def convert_acdc_entry(parser: argparse.ArgumentParser) -> DatasetWriter:
+@entry_point
+def convert_acdc_entry() -> None:
     """``nnUNetv2_sss_convert_acdc``: SSL4MIS-style ACDC HDF5 -> nnU-Net raw with a standard low-label split."""
+    parser = argparse.ArgumentParser(
+        description="Convert ACDC in the SSL4MIS/UniMatch HDF5 layout (data/, train.list, val.list) to an nnU-Net raw "
+                    "dataset: labeled patients -> imagesTr/labelsTr, other training patients -> imagesUnlabeled, "
+                    "validation volumes -> imagesTs/labelsTs. Spacing (z,y,x) = (10, 1, 1): the files store none.")
     parser.add_argument("-i", "--input", required=True, help="ACDC folder holding data/, train.list and val.list")
     parser.add_argument("-d", "--dataset_id", type=int, default=27, help="dataset id (default: 27)")
     parser.add_argument("--labeled", required=True,
                         help="labeled patients: 1, 3 or 7 (standard splits), all, or a comma list such as 38,50,99 "
                              "(one patient: patient005)")
+    _add_output_dataset_args(parser, None, "dataset name (default: ACDC or ACDC_<k>labeled)")
 
-    def write(args: argparse.Namespace) -> Path:
+    def make(args: argparse.Namespace) -> Path:
         from nnunetv2_sss.datasets.acdc import convert_acdc
 
         return convert_acdc(Path(args.input), args.dataset_id, args.labeled, args.name, args.overwrite)
 
-    return write
+    _run_dataset_tool(parser, make, "ACDC dataset")
