@@ -72,7 +72,7 @@ def main() -> None:
     summary = json.loads((pred / "summary.json").read_text())
     fold = out / "nnUNet_results" / raw.name / f"{a.trainer}__nnUNetPlans__{CONFIG}" / "fold_0"
     print(f"\nDone in {time.time() - t0:.0f} s.")
-    print(f"  trained model + progress.png + training log: {fold}")
+    print(f"  trained model + progress.png, progress_semi.png + training log: {fold}")
     print(f"  test-set predictions: {pred}")
     print(f"  nnU-Net evaluation: {pred / 'summary.json'} (mean foreground Dice "
           f"{summary['foreground_mean']['Dice']:.3f} on {len(summary['metric_per_case'])} synthetic test cases)")

@@ -80,7 +80,7 @@ def test_train_with_stock_command_then_predict(planned):
     trainer = "nnUNetTrainerSSS_noSAM_smoke"
     run_cli(env, "nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", trainer, "-device", "cpu")
     fold = dirs["nnUNet_results"] / raw.name / f"{trainer}__nnUNetPlans__2d" / "fold_0"
-    assert (fold / "progress.png").is_file() and (fold / "checkpoint_final.pth").is_file()
+    assert all((fold / f).is_file() for f in ("progress.png", "progress_semi.png", "checkpoint_final.pth"))
     ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert set(ckpt["sss_state"]) >= {"dfe", "sss_step"} and ckpt["sss_state"]["sss_step"] == 6
     assert not any(k.startswith("dfe") for k in ckpt["network_weights"])

@@ -122,11 +122,17 @@ def test_seed_makes_two_short_runs_identical(planned) -> None:
     assert any(not torch.equal(a[k], c[k]) for k in a), "another seed gave the same run"
 
 
-def test_progress_png_has_supervised_unsupervised_and_fraction_panels(tmp_path) -> None:
+def test_progress_semi_png_has_supervised_unsupervised_and_fraction_panels(tmp_path) -> None:
     import matplotlib.pyplot as plt
     from nnunetv2.training.logging.nnunet_logger import LocalLogger
 
-    from nnunetv2_sss.training.progress import FRACTION_KEYS, LOSS_KEYS, SSSLocalLogger, class_fraction_keys
+    from nnunetv2_sss.training.progress import (
+        FRACTION_KEYS,
+        LOSS_KEYS,
+        SEMI_PROGRESS_PNG,
+        SSSLocalLogger,
+        class_fraction_keys,
+    )
 
     ours, stock = SSSLocalLogger(LOSS_KEYS, FRACTION_KEYS + class_fraction_keys(3)), LocalLogger()
     assert ours._panels()[0][1] == ["sss_loss_sup"]  # the supervised loss has a panel of its own
@@ -138,5 +144,8 @@ def test_progress_png_has_supervised_unsupervised_and_fraction_panels(tmp_path) 
     for lg, name in ((ours, "ours"), (stock, "stock")):
         (tmp_path / name).mkdir()
         lg.plot_progress_png(str(tmp_path / name))
-    h_ours, h_stock = (plt.imread(tmp_path / n / "progress.png").shape[0] for n in ("ours", "stock"))
-    assert abs(h_ours - 2 * h_stock) <= 2  # nnU-Net's figure plus three panels of a third of its height each
+    ours_png, stock_png = (plt.imread(tmp_path / n / "progress.png") for n in ("ours", "stock"))
+    assert ours_png.shape == stock_png.shape  # nnU-Net's figure is left as nnU-Net draws it
+    assert not (tmp_path / "stock" / SEMI_PROGRESS_PNG).exists()
+    semi = plt.imread(tmp_path / "ours" / SEMI_PROGRESS_PNG)
+    assert semi.shape[0] == 3 * 320  # one panel of 3.2 inches at 100 dpi each: supervised, unsupervised, fractions

@@ -1,4 +1,4 @@
-"""What the semi-supervised trainers log per epoch, and nnU-Net's progress.png with three more panels: supervised
+"""What the semi-supervised trainers log per epoch, and progress_semi.png beside nnU-Net's progress.png: supervised
 loss, unsupervised terms, fractions and similarity."""
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ from torch import distributed as dist  # noqa: E402
 
 from nnunetv2_sss.files import save_figure  # noqa: E402
 
+SEMI_PROGRESS_PNG = "progress_semi.png"  # written next to nnU-Net's progress.png
+
 
 class SSSLocalLogger(LocalLogger):
-    """nnU-Net's local logger that knows the SSS keys and draws them under nnU-Net's own panels."""
+    """nnU-Net's local logger that knows the SSS keys and draws them in a figure beside nnU-Net's own."""
 
     loss_keys: Sequence[str] = ()
     fraction_keys: Sequence[str] = ()
@@ -52,38 +54,32 @@ class SSSLocalLogger(LocalLogger):
                 ("fraction / similarity", list(self.fraction_keys))]
 
     def plot_progress_png(self, output_folder: str) -> None:
+        """nnU-Net's progress.png as it is, and our panels in progress_semi.png beside it.
+
+        A figure of their own: composing them under nnU-Net's 3000 x 5400 pixel figure (read back, redrawn, saved
+        larger) cost about three times nnU-Net's own plot at every epoch end."""
         super().plot_progress_png(output_folder)
-        path = Path(output_folder) / "progress.png"
-        stock = plt.imread(path)
         epoch = min(len(v) for v in self.my_fantastic_logging.values()) - 1
-        x = list(range(epoch + 1))
-        h, w = stock.shape[:2]
         panels = [(title, keys) for title, keys in self._panels() if keys]
-        panel_h = h / 3
-        total = h + panel_h * len(panels)
-        fig = plt.figure(figsize=(w / 100, total / 100), dpi=100)
-        ax_img = fig.add_axes((0, panel_h * len(panels) / total, 1, h / total))  # the stock figure, pixel for pixel
-        ax_img.imshow(stock, aspect="auto")
-        ax_img.axis("off")
-        bottom, legend_room = 110, 150  # pixels for the x label below and the legends above each panel
-        for i, (title, keys) in enumerate(panels):
-            y0 = panel_h * (len(panels) - 1 - i)
-            ax = fig.add_axes((0.08, (y0 + bottom) / total, 0.84, (panel_h - bottom - legend_room) / total))
-            lowest, highest = np.inf, -np.inf
+        if epoch < 0 or not panels:
+            return
+        x = list(range(epoch + 1))
+        fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3.2 * len(panels)), dpi=100, squeeze=False)
+        for ax, (title, keys) in zip(axes[:, 0], panels):
+            lowest = np.inf
             for k in keys:
                 vals = np.asarray(self.my_fantastic_logging[k][: epoch + 1], dtype=float)
-                ax.plot(x, vals, ls="-", label=k.removeprefix("sss_"), linewidth=4)
+                ax.plot(x, vals, ls="-", label=k.removeprefix("sss_"), linewidth=2)
                 if np.isfinite(vals).any():
-                    lowest, highest = min(lowest, float(np.nanmin(vals))), max(highest, float(np.nanmax(vals)))
+                    lowest = min(lowest, float(np.nanmin(vals)))
             if title.startswith("fraction"):  # fractions in [0, 1]; the DFE cosine similarity may go negative
                 ax.set_ylim(min(0.0, lowest if np.isfinite(lowest) else 0.0) - 0.05, 1.05)
-            ax.set_xlabel("epoch", fontsize=30)
-            ax.set_ylabel(title, fontsize=26)
-            ax.tick_params(labelsize=24)
-            ax.legend(loc=(0, 1), fontsize=22, ncol=max(1, min(len(keys), 6)))
-        save_figure(fig, path)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(title)
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+        fig.tight_layout()
+        save_figure(fig, Path(output_folder) / SEMI_PROGRESS_PNG)
         plt.close(fig)
-
 
 LOSS_KEYS = ("sss_loss_sup", "sss_loss_s1", "sss_loss_s2", "sss_loss_fp", "sss_loss_dfe", "sss_loss_sam")
 FRACTION_KEYS = ("sss_confident_fraction", "sss_dfe_similarity", "sss_sam_agreement")
@@ -96,7 +92,7 @@ def class_fraction_keys(num_classes: int) -> tuple[str, ...]:
 
 
 class SemiSupervisedLogging:
-    """Per-epoch means of what every step returns, through nnU-Net's logger (and so onto progress.png)."""
+    """Per-epoch means of what every step returns, through nnU-Net's logger (and so onto progress_semi.png)."""
 
     def logged_step_keys(self) -> tuple[str, ...]:
         """What every step returns for the epoch's log (the SAM agreement is logged per refresh instead)."""
