@@ -237,6 +237,7 @@ def report(rn: Runner, title: str) -> dict:
         e["gap_closure"] = ((m(label) - sup) / (full - sup)) if (sup is not None and full is not None and
                                                                  "dice" in e and full != sup) else None
     res["plateau"], res["verdict"] = plateau_and_verdict(arms)
+    res["paired"] = paired_differences(arms)
     write_report(res, classes, work)
     return res
 
@@ -263,6 +264,28 @@ def plateau_and_verdict(arms: dict) -> tuple[dict | None, dict | None]:
             if stats(other):
                 verdict[f"above_{other}"] = semi[0] > stats(other)[0]
     return plateau, verdict
+
+
+def paired_differences(arms: dict, semi: str = "sss_ws") -> dict:
+    """Per seed, mean Dice of ``semi`` minus that of every other tested arm on the same seed: the comparison that
+    cancels what two arms of one seed share (the supervised model, the split), sharper than two means ± std."""
+    if "dice" not in arms.get(semi, {}):
+        return {}
+    mine = dict(zip(arms[semi]["seeds"], arms[semi]["dice"]["mean"]))
+    out = {}
+    for label, e in arms.items():
+        if label == semi or "dice" not in e:
+            continue
+        diffs = {s: mine[s] - d for s, d in zip(e["seeds"], e["dice"]["mean"]) if s in mine}
+        if diffs:
+            out[label] = {"seeds": list(diffs), "diff": list(diffs.values()),
+                          "positive": sum(v > 0 for v in diffs.values())}
+    return out
+
+
+def _signed(values: list[float]) -> str:
+    m, sd = bl.mean_std(values)
+    return f"{m:+.4f} ± {sd:.4f}" if len(values) > 1 else f"{m:+.4f}"
 
 
 def write_report(res: dict, classes: dict[str, str], work: Path) -> None:
@@ -301,6 +324,10 @@ def write_report(res: dict, classes: dict[str, str], work: Path) -> None:
         pl = res["plateau"]
         lines += ["", f"Plateau check: mean Dice at 2B − at B = {pl['diff_2B_minus_B']:+.4f}, larger seed std "
                   f"{pl['seed_std']:.4f}: supervised has {'' if pl['plateaued'] else 'NOT '}plateaued at B."]
+    if res.get("paired"):
+        lines += ["", "Paired by seed, sss_ws − arm in mean Dice (mean ± std over seeds; seeds where sss_ws is above): "
+                  + "; ".join(f"{label} {_signed(d['diff'])} ({d['positive']}/{len(d['diff'])})"
+                              for label, d in res["paired"].items()) + "."]
     if res.get("verdict"):
         lines += ["", "sss_ws against the bar: " + ", ".join(f"{k} {'yes' if v else 'no'}"
                                                                 for k, v in res["verdict"].items()) + "."]
