@@ -15,7 +15,8 @@ that training never sees, one resumable command trains, per seed, on fold ``all`
 * ``full``       the all-labeled reference (``--full-dataset``, same plans), 2B iterations;
 * ``onerun``     ``nnUNetTrainerSSS_noSAM`` from scratch in one run: B supervised warm-up iterations inside the run,
                  then S semi-supervised ones (``nnUNet_sss_unsup_warmup_fraction`` = B / (B + S));
-* ``tune_*``     (first seed, validation cases only) the semi stage at another learning rate.
+* ``tune_*``     (first seed, validation cases only) the semi stage at another learning rate
+                 (``tune_sss_ws_lr*``), or with pseudo-labels from an EMA teacher (``tune_sss_ws_ema``).
 
 Every arm's time counts the supervised stage it starts from (total training time). Test cases are predicted by
 nnU-Net's ``nnUNetPredictor`` with the **final** checkpoint, no TTA; Dice and HD95 per class; mean +- std over
@@ -83,6 +84,7 @@ class Protocol:
         if first_seed and self.val_labels is not None:
             out += [Arm(f"tune_sss_ws_lr{lr:g}", "nnUNetTrainerSSS_noSAM", s, self.dataset, "sup",
                         (("nnUNet_sss_warm_start_lr", str(lr)),), test=False) for lr in self.tune_lrs]
+            out.append(Arm("tune_sss_ws_ema", "nnUNetTrainerSSS_noSAM_EMA", s, self.dataset, "sup", test=False))
         if self.full_dataset is not None:
             out.append(Arm("full", "nnUNetTrainer_budget", 2 * b, self.full_dataset))
         out += [Arm("sup_2B", "nnUNetTrainer_budget", 2 * b, self.dataset),
