@@ -12,10 +12,16 @@ echo "== $(date) at $(git rev-parse --short HEAD)"
 $PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hippocampus" \
   --sup-iterations 4000 --semi-iterations 500 --seeds 0 1 2 --jobs 2 \
   --arms sup sss_ws sup_long selftrain unimatch_ws tune_sss_ws
+# the length of the semi stage, chosen on validation (seed 0): S = 1500
+$PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hippocampus" \
+  --sup-iterations 4000 --semi-iterations 1500 --seeds 0 --jobs 1 --arms sup tune_sss_ws --tune-lrs 0.01
 # ACDC, 3 labeled patients
 $PY scripts/benchmark_acdc.py --acdc "$DATA/ACDC" --work "$WORK/acdc" \
   --sup-iterations 3000 --semi-iterations 600 --seeds 0 1 --jobs 2 --arms sup sss_ws selftrain full sup_2B
 # the rest of Hippocampus round 2 (plateau check at 8000, the all-labeled reference, the one-run trainer)
 $PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hippocampus" \
   --sup-iterations 4000 --semi-iterations 500 --seeds 0 1 2 --jobs 2
+# Hippocampus round 3: the semi stage at the chosen length on every seed, and sup_long for about its time
+$PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hippocampus" \
+  --sup-iterations 4000 --semi-iterations 1500 --seeds 0 1 2 --jobs 2 --arms sup sss_ws sup_long
 echo "== $(date) done"
