@@ -64,22 +64,26 @@ class SSSLocalLogger(LocalLogger):
         if epoch < 0 or not panels:
             return
         x = list(range(epoch + 1))
-        fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3.2 * len(panels)), dpi=100, squeeze=False)
-        for ax, (title, keys) in zip(axes[:, 0], panels):
-            lowest = np.inf
-            for k in keys:
-                vals = np.asarray(self.my_fantastic_logging[k][: epoch + 1], dtype=float)
-                ax.plot(x, vals, ls="-", label=k.removeprefix("sss_"), linewidth=2)
-                if np.isfinite(vals).any():
-                    lowest = min(lowest, float(np.nanmin(vals)))
-            if title.startswith("fraction"):  # fractions in [0, 1]; the DFE cosine similarity may go negative
-                ax.set_ylim(min(0.0, lowest if np.isfinite(lowest) else 0.0) - 0.05, 1.05)
-            ax.set_xlabel("epoch")
-            ax.set_ylabel(title)
-            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-        fig.tight_layout()
-        save_figure(fig, Path(output_folder) / SEMI_PROGRESS_PNG)
-        plt.close(fig)
+        # nnU-Net's plot scales seaborn's fonts by 2.5 for its huge figure; this one is small: plain sizes
+        with plt.rc_context({"font.size": 10, "axes.labelsize": 10, "axes.titlesize": 11, "xtick.labelsize": 9,
+                             "ytick.labelsize": 9, "legend.fontsize": 8}):
+            fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3.2 * len(panels)), dpi=100, squeeze=False)
+            for ax, (title, keys) in zip(axes[:, 0], panels):
+                lowest = np.inf
+                for k in keys:
+                    vals = np.asarray(self.my_fantastic_logging[k][: epoch + 1], dtype=float)
+                    ax.plot(x, vals, ls="-", label=k.removeprefix("sss_"), linewidth=2)
+                    if np.isfinite(vals).any():
+                        lowest = min(lowest, float(np.nanmin(vals)))
+                if title.startswith("fraction"):  # fractions in [0, 1]; the DFE cosine similarity may go negative
+                    ax.set_ylim(min(0.0, lowest if np.isfinite(lowest) else 0.0) - 0.05, 1.05)
+                ax.set_title(title)
+                ax.set_xlabel("epoch")
+                ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+            fig.tight_layout()
+            save_figure(fig, Path(output_folder) / SEMI_PROGRESS_PNG)
+            plt.close(fig)
+
 
 LOSS_KEYS = ("sss_loss_sup", "sss_loss_s1", "sss_loss_s2", "sss_loss_fp", "sss_loss_dfe", "sss_loss_sam")
 FRACTION_KEYS = ("sss_confident_fraction", "sss_dfe_similarity", "sss_sam_agreement")
