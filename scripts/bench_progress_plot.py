@@ -25,11 +25,12 @@ def progress_at(rev: str):
     """``nnunetv2_sss/training/progress.py`` as it was at ``rev``, imported as a separate module."""
     src = subprocess.run(["git", "show", f"{rev}:nnunetv2_sss/training/progress.py"], cwd=ROOT, check=True,
                          capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp()) / f"progress_{rev}.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"progress_{rev}.py"
+        path.write_text(src)
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     return module
 
 
@@ -37,12 +38,12 @@ def seconds_per_plot(logger, epochs: int, repeats: int) -> float:
     for e in range(epochs):
         for k in logger.my_fantastic_logging:
             logger.log(k, [0.5, 0.5, 0.5] if k == "dice_per_class_or_region" else e / epochs, e)
-    folder = tempfile.mkdtemp()
-    logger.plot_progress_png(folder)  # first call pays matplotlib's set-up
-    t = time.perf_counter()
-    for _ in range(repeats):
-        logger.plot_progress_png(folder)
-    return (time.perf_counter() - t) / repeats
+    with tempfile.TemporaryDirectory() as folder:
+        logger.plot_progress_png(folder)  # first call pays matplotlib's set-up
+        t = time.perf_counter()
+        for _ in range(repeats):
+            logger.plot_progress_png(folder)
+        return (time.perf_counter() - t) / repeats
 
 
 def main() -> None:

@@ -57,7 +57,7 @@ class SSSLocalLogger(LocalLogger):
         """nnU-Net's progress.png as it is, and our panels in progress_semi.png beside it.
 
         A figure of their own: composing them under nnU-Net's 3000 x 5400 pixel figure (read back, redrawn, saved
-        larger) cost about three times nnU-Net's own plot at every epoch end."""
+        larger) cost five to seven times nnU-Net's own plot at every epoch end (scripts/bench_progress_plot.py)."""
         super().plot_progress_png(output_folder)
         epoch = min(len(v) for v in self.my_fantastic_logging.values()) - 1
         panels = [(title, keys) for title, keys in self._panels() if keys]
