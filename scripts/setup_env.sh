@@ -2,6 +2,8 @@
 # Create .venv in the project (if missing) and install the measured working set:
 # torch 2.14.1 + torchvision 0.29.1, then nnunetv2-sss (pulls nnunetv2 2.8.x), then sam2 1.1.0 without its
 # CUDA extension and without build isolation (it builds against the torch already installed).
+# --no-compile: pip would byte-compile all ~13,600 installed .py files (about a minute of CPU here); Python compiles
+# the modules actually imported on first use instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -10,12 +12,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 if ! python -c "import torch, torchvision" 2>/dev/null; then
-  pip install --upgrade pip
-  pip install torch==2.14.1 torchvision==0.29.1
+  pip install --no-compile --upgrade pip
+  pip install --no-compile torch==2.14.1 torchvision==0.29.1
 fi
-pip install -e ".[test]"
+pip install --no-compile -e ".[test]"
 if ! python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('sam2') is None)"; then
-  SAM2_BUILD_CUDA=0 pip install --no-build-isolation sam2==1.1.0
+  SAM2_BUILD_CUDA=0 pip install --no-compile --no-build-isolation sam2==1.1.0
 fi
 echo "environment ready: $(pwd)/.venv"
 echo "the nnUNetv2_* and nnUNetv2_sss_* commands live in .venv/bin: activate it in your shell first with"
