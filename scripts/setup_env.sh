@@ -2,9 +2,10 @@
 # Create .venv in the project (if missing) and install the measured working set:
 # torch 2.14.1 + torchvision 0.29.1, then nnunetv2-sss (pulls nnunetv2 2.8.x), then sam2 1.1.0 without its
 # CUDA extension and without build isolation (it builds against the torch already installed).
-# pip would byte-compile the ~13,600 installed .py files one at a time (about a minute here): install with
-# --no-compile, then compile them once with compileall on every core. (Not compiling at all is slower where
-# PYTHONDONTWRITEBYTECODE is set, as on these machines: every process would compile its imports again.)
+# pip would byte-compile the ~13,600 installed .py files one at a time: install with
+# --no-compile, then compile them once with compileall on every core (with the demo change, command 1 went from 8.0
+# to 5.5 min on an idle 2-core machine; see README). Not compiling at all is slower where
+# PYTHONDONTWRITEBYTECODE is set, as on these machines: every process would compile its imports again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
