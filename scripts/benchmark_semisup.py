@@ -347,8 +347,9 @@ def plot(res: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
-    ax = axes[0]
+    curves = res["curves"]  # empty without a validation split (e.g. ACDC): then the test panel alone
+    fig, axes = plt.subplots(1, 2 if curves else 1, figsize=(13 if curves else 6.5, 4.8), squeeze=False)
+    ax = axes[0][0]
     for label, e in res["arms"].items():
         if "dice" in e:
             ax.scatter(e["train_min_total"], e["dice"]["mean"], label=label)
@@ -356,8 +357,12 @@ def plot(res: dict, out: Path) -> None:
     ax.set_ylabel("test mean Dice (final checkpoint)")
     ax.set_title("test Dice against total training time (each point one seed)")
     ax.legend(fontsize=7)
-    ax = axes[1]
-    for label, curve in res["curves"].items():
+    if not curves:
+        fig.tight_layout()
+        bl.save_figure(fig, out)
+        return
+    ax = axes[0][1]
+    for label, curve in curves.items():
         ax.plot([p["total_min"] for p in curve], [p["dice"] for p in curve], marker=".", label=label)
     ax.set_xlabel("total training time (min)")
     ax.set_ylabel("validation mean Dice (snapshots)")
