@@ -24,4 +24,10 @@ $PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hi
 # Hippocampus round 3: the semi stage at the chosen length on every seed, and sup_long for about its time
 $PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hippocampus" \
   --sup-iterations 4000 --semi-iterations 1500 --seeds 0 1 2 --jobs 2 --arms sup sss_ws sup_long
+# ACDC, a third seed (the two-seed spread of sss_ws is too wide for a verdict)
+$PY scripts/benchmark_acdc.py --acdc "$DATA/ACDC" --work "$WORK/acdc" \
+  --sup-iterations 3000 --semi-iterations 600 --seeds 2 --jobs 1 --arms sup sss_ws selftrain full
+# is a semi stage longer than 1500 worth it? validation only (seed 0)
+$PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hippocampus" \
+  --sup-iterations 4000 --semi-iterations 3000 --seeds 0 --jobs 1 --arms sup tune_sss_ws --tune-lrs 0.01
 echo "== $(date) done"
