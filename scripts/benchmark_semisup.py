@@ -357,17 +357,14 @@ def plot(res: dict, out: Path) -> None:
     ax.set_ylabel("test mean Dice (final checkpoint)")
     ax.set_title("test Dice against total training time (each point one seed)")
     ax.legend(fontsize=7)
-    if not curves:
-        fig.tight_layout()
-        bl.save_figure(fig, out)
-        return
-    ax = axes[0][1]
-    for label, curve in curves.items():
-        ax.plot([p["total_min"] for p in curve], [p["dice"] for p in curve], marker=".", label=label)
-    ax.set_xlabel("total training time (min)")
-    ax.set_ylabel("validation mean Dice (snapshots)")
-    ax.set_title(f"learning curves, seed {res['seeds'][0]}")
-    ax.legend(fontsize=7)
+    if curves:
+        ax = axes[0][1]
+        for label, curve in curves.items():
+            ax.plot([p["total_min"] for p in curve], [p["dice"] for p in curve], marker=".", label=label)
+        ax.set_xlabel("total training time (min)")
+        ax.set_ylabel("validation mean Dice (snapshots)")
+        ax.set_title(f"learning curves, seed {res['seeds'][0]}")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     bl.save_figure(fig, out)
 
