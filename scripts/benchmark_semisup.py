@@ -180,7 +180,7 @@ class Runner:
                 f.result()
 
 
-def report(rn: Runner, title: str) -> dict:
+def report(rn: Runner, title: str, earlier: list[Path] = ()) -> dict:
     p, work = rn.p, rn.work
     ds_json = json.loads((bl.raw_folder(rn.base, p.dataset) / "dataset.json").read_text())
     classes = {str(v): k for k, v in ds_json["labels"].items() if int(v) > 0}
@@ -229,6 +229,8 @@ def report(rn: Runner, title: str) -> dict:
                               "dice": bl.fg_dice(summ), "diagnostics": diag})
             res["curves"][label] = curve
         res["arms"][label] = entry
+    for f in earlier:
+        merge_earlier(res, json.loads(f.read_text()), f.name, wanted=set(labels_seen))
     arms = res["arms"]
 
     def m(label: str) -> float | None:
@@ -242,6 +244,52 @@ def report(rn: Runner, title: str) -> dict:
     res["paired"] = paired_differences(arms)
     write_report(res, classes, work)
     return res
+
+
+def merge_earlier(res: dict, old: dict, source: str, wanted: set[str]) -> None:
+    """Add the (arm, seed) results of an earlier report that this work folder lacks (e.g. a machine that was lost):
+    only for the same supervised stage B (every arm starts from, or is measured against, that model) and the same
+    arm length (which fixes S for the semi arms), for the seeds asked for; what this folder holds wins. Every merged
+    seed is named in ``from_earlier`` with its file, and the report lists the earlier machines."""
+    if old["sup_iterations"] != res["sup_iterations"]:
+        raise SystemExit(f"{source}: B = {old['sup_iterations']}, not B = {res['sup_iterations']}: results of "
+                         "another protocol")
+    merged = 0
+    for label, e_old in old["arms"].items():
+        if label not in wanted or "dice" not in e_old:
+            continue
+        e = res["arms"].setdefault(label, {k: e_old[k] for k in ("trainer", "iterations", "warm_from")}
+                                   | {"seeds": [], "train_min_total": [], "commits": []})
+        if e["iterations"] != e_old["iterations"]:
+            continue
+        for i, s in enumerate(e_old["seeds"]):
+            if s not in res["seeds"] or s in e["seeds"] or s in e.get("not_scored_yet", []):
+                continue
+            e["seeds"].append(s)
+            e["train_min_total"].append(e_old["train_min_total"][i])
+            e["commits"].append(e_old["commits"][i])
+            for metric in ("dice", "hd95"):
+                for n, values in e_old[metric].items():
+                    e.setdefault(metric, {}).setdefault(n, []).append(values[i])
+            e.setdefault("from_earlier", {})[str(s)] = source
+            merged += 1
+        _order_by_seed(e)
+    for label, curve in old.get("curves", {}).items():
+        if label in wanted and label not in res["curves"] and old["seeds"][0] == res["seeds"][0]:
+            res["curves"][label] = curve
+    if merged:
+        res.setdefault("earlier", []).append({"file": source, "machine": old["machine"],
+                                             "commit_of_report": old["commit_of_report"], "results": merged})
+
+
+def _order_by_seed(e: dict) -> None:
+    """Sort an arm's per-seed lists (seeds, times, commits, every metric) by seed."""
+    order = sorted(range(len(e["seeds"])), key=lambda i: e["seeds"][i])
+    for k in ("seeds", "train_min_total", "commits"):
+        e[k] = [e[k][i] for i in order]
+    for metric in ("dice", "hd95"):
+        for n in e.get(metric, {}):
+            e[metric][n] = [e[metric][n][i] for i in order]
 
 
 def plateau_and_verdict(arms: dict) -> tuple[dict | None, dict | None]:
@@ -303,7 +351,8 @@ def write_report(res: dict, classes: dict[str, str], work: Path) -> None:
         if "dice" not in e:
             continue
         gc = e["gap_closure"]
-        lines.append(f"| {label} | {e['trainer']} | {e['iterations']} | {e['warm_from'] or '—'} | {len(e['seeds'])} | "
+        seeds = f"{len(e['seeds'])}" + (f" ({len(e['from_earlier'])} earlier)" if e.get("from_earlier") else "")
+        lines.append(f"| {label} | {e['trainer']} | {e['iterations']} | {e['warm_from'] or '—'} | {seeds} | "
                      + " | ".join(bl.fmt(e["dice"][n]) for n in names) + f" | {bl.fmt(e['dice']['mean'])} | "
                      + f"{bl.fmt(e['hd95']['mean'], 2)} | {'—' if gc is None else f'{gc:.2f}'} | "
                      + f"{bl.fmt(e['train_min_total'], 1)} |")
@@ -322,6 +371,10 @@ def write_report(res: dict, classes: dict[str, str], work: Path) -> None:
                                             ("confident_share", "confident_precision", "confident_background")))
                 lines.append(f"| {label} | {pt['iterations']} | {pt['total_min']:.1f} | {pt['dice']:.3f} | "
                              + " | ".join(cells) + " |")
+    for er in res.get("earlier", []):
+        lines += ["", f"{er['results']} (arm, seed) results from the earlier report `{er['file']}` (report commit "
+                  f"{er['commit_of_report'][:7]}, machine: {er['machine']}); their training minutes are that "
+                  "machine's, so compare times within one machine only."]
     if res.get("plateau"):
         pl = res["plateau"]
         lines += ["", f"Plateau check: mean Dice at 2B − at B = {pl['diff_2B_minus_B']:+.4f}, larger seed std "
@@ -382,6 +435,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="semi-stage learning rates tried on the validation cases, first seed (default: 0.001; the "
                         "trainers' default is 0.01)")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--earlier-results", type=Path, nargs="*", default=[],
+                   help="results JSON of earlier runs of this protocol (e.g. from a lost machine, committed under "
+                        "docs/benchmarks): their (arm, seed) results fill what --work lacks, marked as such")
     p.add_argument("--device", default="cpu")
 
 
@@ -390,7 +446,7 @@ def run_protocol(p: Protocol, a: argparse.Namespace, base: dict[str, str], title
     t0 = time.time()
     if not a.report_only:
         rn.run_all(a.jobs)
-    res = report(rn, title)
+    res = report(rn, title, a.earlier_results)
     print(f"wall time of this invocation: {(time.time() - t0) / 60:.1f} min", flush=True)
     return res
 

@@ -1,0 +1,53 @@
+"""The benchmark report's merge of an earlier report: what a lost machine left in ``docs/benchmarks`` fills the seeds
+a new work folder lacks, never overrides what it holds, and never mixes two protocols."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import benchmark_semisup as bs  # noqa: E402
+
+
+def _arm(seeds: list[int], dice: list[float], iterations: int = 1500) -> dict:
+    return {"trainer": "nnUNetTrainerSSS_noSAM", "iterations": iterations, "warm_from": "sup", "seeds": seeds,
+            "train_min_total": [10.0 * (s + 1) for s in seeds], "commits": [f"c{s}" for s in seeds],
+            "dice": {"a": list(dice), "mean": list(dice)},
+            "hd95": {"a": [1.0] * len(seeds), "mean": [1.0] * len(seeds)}}
+
+
+def _res(arms: dict, seeds: list[int], b: int = 4000, s: int = 1500) -> dict:
+    return {"sup_iterations": b, "semi_iterations": s, "seeds": seeds, "arms": arms, "curves": {},
+            "machine": "m", "commit_of_report": "abcdef0"}
+
+
+def test_merge_fills_missing_seeds_in_seed_order_and_keeps_own_results() -> None:
+    res = _res({"sss_ws": _arm([2], [0.9])}, seeds=[0, 1, 2])
+    old = _res({"sss_ws": _arm([0, 1, 2], [0.1, 0.2, 0.3]), "sup": _arm([0, 1], [0.5, 0.6], 4000),
+                "tune_x": _arm([0], [0.7])}, seeds=[0, 1, 2])
+    bs.merge_earlier(res, old, "old.json", wanted={"sss_ws", "sup"})
+    e = res["arms"]["sss_ws"]
+    assert e["seeds"] == [0, 1, 2]
+    assert e["dice"]["mean"] == [0.1, 0.2, 0.9]  # seed 2 is this folder's own
+    assert e["commits"] == ["c0", "c1", "c2"] and e["train_min_total"] == [10.0, 20.0, 30.0]
+    assert e["from_earlier"] == {"0": "old.json", "1": "old.json"}
+    assert res["arms"]["sup"]["seeds"] == [0, 1] and "tune_x" not in res["arms"]
+    assert res["earlier"] == [{"file": "old.json", "machine": "m", "commit_of_report": "abcdef0", "results": 4}]
+
+
+def test_merge_skips_seeds_not_asked_and_arms_of_another_length() -> None:
+    res = _res({"sss_ws": _arm([2], [0.9])}, seeds=[1, 2])
+    old = _res({"sss_ws": _arm([0, 1], [0.1, 0.2]), "sup_long": _arm([1], [0.4], 2500)}, seeds=[0, 1])
+    res["arms"]["sup_long"] = _arm([2], [0.8], 7500)
+    bs.merge_earlier(res, old, "old.json", wanted={"sss_ws", "sup_long"})
+    assert res["arms"]["sss_ws"]["seeds"] == [1, 2]
+    assert res["arms"]["sup_long"]["seeds"] == [2]  # 2500 iterations is another arm than 7500
+
+
+def test_merge_refuses_another_protocol() -> None:
+    res = _res({}, seeds=[0], b=4000)
+    with pytest.raises(SystemExit, match="another protocol"):
+        bs.merge_earlier(res, _res({}, seeds=[0], b=2000), "round1.json", wanted={"sss_ws"})
