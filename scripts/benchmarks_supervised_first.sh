@@ -31,7 +31,7 @@ $PY scripts/benchmark_acdc.py --acdc "$DATA/ACDC" --work "$WORK/acdc" \
 $PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hippocampus" \
   --sup-iterations 4000 --semi-iterations 3000 --seeds 0 --jobs 1 --arms sup tune_sss_ws --tune-lrs 0.01
 # the machine of the runs above was lost on 2026-12-04 (their results are committed in docs/benchmarks): round 3 again
-# on one machine, with self-training last; a report fills what a work folder lacks from the committed results
+# on one machine, with self-training last; a report takes the seeds a work folder has no run of from committed results
 $PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hippocampus" \
   --sup-iterations 4000 --semi-iterations 1500 --seeds 0 1 2 --jobs 2 --arms sup sss_ws sup_long selftrain
 $PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hippocampus" \

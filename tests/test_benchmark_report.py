@@ -1,5 +1,5 @@
 """The benchmark report's merge of an earlier report: what a lost machine left in ``docs/benchmarks`` fills the seeds
-a new work folder lacks, never overrides what it holds, and never mixes two protocols."""
+a new work folder has no run of, whole seeds only, and never mixes two protocols."""
 
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ def _res(arms: dict, seeds: list[int], b: int = 4000, s: int = 1500) -> dict:
             "machine": "m", "commit_of_report": "abcdef0"}
 
 
-def test_merge_fills_missing_seeds_in_seed_order_and_keeps_own_results() -> None:
+def test_merge_takes_whole_seeds_in_seed_order_never_part_of_one_this_folder_holds() -> None:
     res = _res({"sss_ws": _arm([2], [0.9])}, seeds=[0, 1, 2])
-    old = _res({"sss_ws": _arm([0, 1, 2], [0.1, 0.2, 0.3]), "sup": _arm([0, 1], [0.5, 0.6], 4000),
+    old = _res({"sss_ws": _arm([0, 1, 2], [0.1, 0.2, 0.3]), "sup": _arm([0, 1, 2], [0.5, 0.6, 0.7], 4000),
                 "tune_x": _arm([0], [0.7])}, seeds=[0, 1, 2])
     bs.merge_earlier(res, old, "old.json", wanted={"sss_ws", "sup"})
     e = res["arms"]["sss_ws"]
@@ -34,16 +34,17 @@ def test_merge_fills_missing_seeds_in_seed_order_and_keeps_own_results() -> None
     assert e["dice"]["mean"] == [0.1, 0.2, 0.9]  # seed 2 is this folder's own
     assert e["commits"] == ["c0", "c1", "c2"] and e["train_min_total"] == [10.0, 20.0, 30.0]
     assert e["from_earlier"] == {"0": "old.json", "1": "old.json"}
+    # this folder has a run of seed 2: the earlier seed-2 sup (another model) is not mixed in
     assert res["arms"]["sup"]["seeds"] == [0, 1] and "tune_x" not in res["arms"]
     assert res["earlier"] == [{"file": "old.json", "machine": "m", "commit_of_report": "abcdef0", "results": 4}]
 
 
 def test_merge_skips_seeds_not_asked_and_arms_of_another_length() -> None:
-    res = _res({"sss_ws": _arm([2], [0.9])}, seeds=[1, 2])
-    old = _res({"sss_ws": _arm([0, 1], [0.1, 0.2]), "sup_long": _arm([1], [0.4], 2500)}, seeds=[0, 1])
+    res = _res({"sss_ws": _arm([2], [0.9])}, seeds=[0, 1, 2])
+    old = _res({"sss_ws": _arm([0, 3], [0.1, 0.2]), "sup_long": _arm([1], [0.4], 2500)}, seeds=[0, 1])
     res["arms"]["sup_long"] = _arm([2], [0.8], 7500)
     bs.merge_earlier(res, old, "old.json", wanted={"sss_ws", "sup_long"})
-    assert res["arms"]["sss_ws"]["seeds"] == [1, 2]
+    assert res["arms"]["sss_ws"]["seeds"] == [0, 2]
     assert res["arms"]["sup_long"]["seeds"] == [2]  # 2500 iterations is another arm than 7500
 
 
