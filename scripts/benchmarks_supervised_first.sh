@@ -30,8 +30,10 @@ $PY scripts/benchmark_acdc.py --acdc "$DATA/ACDC" --work "$WORK/acdc" \
 # is a semi stage longer than 1500 worth it? validation only (seed 0)
 $PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hippocampus" \
   --sup-iterations 4000 --semi-iterations 3000 --seeds 0 --jobs 1 --arms sup tune_sss_ws --tune-lrs 0.01
-# the machine of the runs above was lost on 2026-12-04 (their results are committed in docs/benchmarks): round 3 again
-# on one machine, with self-training last; a report takes the seeds a work folder has no run of from committed results
+# the machine of the runs above was lost on 2026-12-04 (their results are committed in docs/benchmarks): round 3 again,
+# whole, on one machine, with self-training last (docs/benchmarks/hippocampus_B4000_S1500_round3.*); where a work
+# folder lacks seeds, --earlier-results takes them, whole, from a committed report (the one below adds nothing when
+# all three seeds ran here)
 $PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hippocampus" \
   --sup-iterations 4000 --semi-iterations 1500 --seeds 0 1 2 --jobs 2 --arms sup sss_ws sup_long selftrain
 $PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hippocampus" \
