@@ -261,13 +261,15 @@ def merge_earlier(res: dict, old: dict, source: str, wanted: set[str]) -> None:
     for label, e_old in old["arms"].items():
         if label not in wanted or "dice" not in e_old:
             continue
+        if label in res["arms"] and res["arms"][label]["iterations"] != e_old["iterations"]:
+            continue
+        take = [i for i, s in enumerate(e_old["seeds"]) if s in res["seeds"] and s not in own]
+        if not take:
+            continue
         e = res["arms"].setdefault(label, {k: e_old[k] for k in ("trainer", "iterations", "warm_from")}
                                    | {"seeds": [], "train_min_total": [], "commits": []})
-        if e["iterations"] != e_old["iterations"]:
-            continue
-        for i, s in enumerate(e_old["seeds"]):
-            if s not in res["seeds"] or s in own or s in e["seeds"]:
-                continue
+        for i in take:
+            s = e_old["seeds"][i]
             e["seeds"].append(s)
             e["train_min_total"].append(e_old["train_min_total"][i])
             e["commits"].append(e_old["commits"][i])
@@ -278,7 +280,8 @@ def merge_earlier(res: dict, old: dict, source: str, wanted: set[str]) -> None:
             merged += 1
         _order_by_seed(e)
     for label, curve in old.get("curves", {}).items():
-        if label in wanted and label not in res["curves"] and old["seeds"][0] == res["seeds"][0]:
+        first = res["seeds"][0]  # the curves are of the first seed: taken only with that seed, whole
+        if label in wanted and label not in res["curves"] and old["seeds"][0] == first and first not in own:
             res["curves"][label] = curve
     if merged:
         res.setdefault("earlier", []).append({"file": source, "machine": old["machine"],

@@ -52,3 +52,14 @@ def test_merge_refuses_another_protocol() -> None:
     res = _res({}, seeds=[0], b=4000)
     with pytest.raises(SystemExit, match="another protocol"):
         bs.merge_earlier(res, _res({}, seeds=[0], b=2000), "round1.json", wanted={"sss_ws"})
+
+
+def test_merge_takes_learning_curves_only_with_their_seed() -> None:
+    old = _res({"sss_ws": _arm([0], [0.1])}, seeds=[0])
+    old["curves"] = {"sss_ws": [{"iterations": 300, "dice": 0.5}]}
+    own_seed0 = _res({"sup": _arm([0], [0.6], 4000)}, seeds=[0])  # this folder trained seed 0: another model
+    bs.merge_earlier(own_seed0, old, "old.json", wanted={"sss_ws"})
+    assert own_seed0["curves"] == {} and "sss_ws" not in own_seed0["arms"]
+    empty = _res({}, seeds=[0])
+    bs.merge_earlier(empty, old, "old.json", wanted={"sss_ws"})
+    assert empty["curves"] == old["curves"] and empty["arms"]["sss_ws"]["seeds"] == [0]
