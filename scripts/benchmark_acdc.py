@@ -60,8 +60,7 @@ def main() -> None:
     prepare(a.acdc, base, work, a.np)
     raw = bl.raw_folder(base, SEMI_ID)
     prot = bs.Protocol(SEMI_ID, CONFIG, raw / "imagesTs", raw / "labelsTs", a.sup_iterations, a.semi_iterations,
-                       a.long_factor, FULL_ID, None, None, SELF_ID0, arms_wanted=tuple(a.arms) if a.arms else None,
-                       tune_lrs=tuple(a.tune_lrs))
+                       a.long_factor, FULL_ID, None, None, SELF_ID0, **bs.protocol_options(a))
     bs.run_protocol(prot, a, base, "ACDC, 3 labeled patients (6 volumes) / 134 unlabeled volumes, the 20 "
                                    "validation volumes as test")
 

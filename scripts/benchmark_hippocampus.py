@@ -105,8 +105,7 @@ def main() -> None:
     raw = bl.raw_folder(base, SEMI_ID)
     prot = bs.Protocol(SEMI_ID, CONFIG, raw / "imagesTs", raw / "labelsTs", a.sup_iterations, a.semi_iterations,
                        a.long_factor, FULL_ID, raw / "imagesVal", raw / "labelsVal", SELF_ID0,
-                       arms_wanted=tuple(a.arms) if a.arms else None,
-                       tune_lrs=tuple(a.tune_lrs))
+                       **bs.protocol_options(a))
     bs.run_protocol(prot, a, base, f"MSD Hippocampus, {N_LABELED} labeled / {len(split['unlabeled'])} unlabeled "
                                    f"cases, {N_TEST} test cases never used in training or tuning")
 

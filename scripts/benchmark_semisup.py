@@ -16,7 +16,8 @@ that training never sees, one resumable command trains, per seed, on fold ``all`
 * ``onerun``     ``nnUNetTrainerSSS_noSAM`` from scratch in one run: B supervised warm-up iterations inside the run,
                  then S semi-supervised ones (``nnUNet_sss_unsup_warmup_fraction`` = B / (B + S));
 * ``tune_*``     (first seed, validation cases only) the semi stage at another learning rate
-                 (``tune_sss_ws_lr*``), or with pseudo-labels from an EMA teacher (``tune_sss_ws_ema``).
+                 (``tune_sss_ws_lr*``), with a background threshold of its own (``tune_sss_ws_bg*``), or with
+                 pseudo-labels from an EMA teacher (``tune_sss_ws_ema``).
 
 Every arm's time counts the supervised stage it starts from (total training time). Test cases are predicted by
 nnU-Net's ``nnUNetPredictor`` with the **final** checkpoint, no TTA; Dice and HD95 per class; mean +- std over
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import threading
 import time
 from collections import defaultdict
@@ -69,6 +71,7 @@ class Protocol:
     val_labels: Path | None = None
     selftrain_id: int | None = None  # dataset id of the self-training dataset of seed 0 (+seed)
     tune_lrs: tuple[float, ...] = (0.001,)
+    tune_background_thresholds: tuple[float, ...] = ()
     arms_wanted: tuple[str, ...] | None = None
     locks: defaultdict = field(default_factory=lambda: defaultdict(threading.Lock))
 
@@ -84,6 +87,9 @@ class Protocol:
         if first_seed and self.val_labels is not None:
             out += [Arm(f"tune_sss_ws_lr{lr:g}", "nnUNetTrainerSSS_noSAM", s, self.dataset, "sup",
                         (("nnUNet_sss_warm_start_lr", str(lr)),), test=False) for lr in self.tune_lrs]
+            out += [Arm(f"tune_sss_ws_bg{t:g}", "nnUNetTrainerSSS_noSAM", s, self.dataset, "sup",
+                        (("nnUNet_sss_background_threshold", str(t)),), test=False)
+                    for t in self.tune_background_thresholds]
             out.append(Arm("tune_sss_ws_ema", "nnUNetTrainerSSS_noSAM_EMA", s, self.dataset, "sup", test=False))
         if self.full_dataset is not None:
             out.append(Arm("full", "nnUNetTrainer_budget", 2 * b, self.full_dataset))
@@ -91,8 +97,13 @@ class Protocol:
                 Arm("unimatch_ws", "nnUNetTrainerUniMatch", s, self.dataset, "sup")]
         out.append(Arm("onerun", "nnUNetTrainerSSS_noSAM", b + s, self.dataset, None,
                        (("nnUNet_sss_unsup_warmup_fraction", f"{b / (b + s):.6f}"),)))
-        return [a for a in out if self.arms_wanted is None or a.label.split("_lr")[0] in self.arms_wanted
+        return [a for a in out if self.arms_wanted is None or arm_family(a.label) in self.arms_wanted
                 or a.label in self.arms_wanted]
+
+
+def arm_family(label: str) -> str:
+    """The arm without its tuned value: ``tune_sss_ws_lr0.001`` and ``tune_sss_ws_bg0.99`` -> ``tune_sss_ws``."""
+    return re.sub(r"_(lr|bg)[0-9.e+-]+$", "", label)
 
 
 class Runner:
@@ -440,11 +451,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tune-lrs", type=float, nargs="*", default=[0.001],
                    help="semi-stage learning rates tried on the validation cases, first seed (default: 0.001; the "
                         "trainers' default is 0.01)")
+    p.add_argument("--tune-background-thresholds", type=float, nargs="*", default=[],
+                   help="background thresholds (nnUNet_sss_background_threshold) tried on the validation cases, "
+                        "first seed (default: none; the trainers' default is the confidence threshold, 0.95)")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--earlier-results", type=Path, nargs="*", default=[],
                    help="results JSON of earlier runs of this protocol (e.g. from a lost machine, committed under "
                         "docs/benchmarks): the seeds --work has no run of are taken from them, whole, marked as such")
     p.add_argument("--device", default="cpu")
+
+
+def protocol_options(a: argparse.Namespace) -> dict:
+    """The ``Protocol`` keywords that ``add_arguments``' options set."""
+    return dict(arms_wanted=tuple(a.arms) if a.arms else None, tune_lrs=tuple(a.tune_lrs),
+                tune_background_thresholds=tuple(a.tune_background_thresholds))
 
 
 def run_protocol(p: Protocol, a: argparse.Namespace, base: dict[str, str], title: str) -> dict:
@@ -471,8 +491,7 @@ def main() -> None:
     a = p.parse_args()
     base = bl.bench_env(a.work.resolve(), a.jobs)
     prot = Protocol(a.d, a.c, a.test_images, a.test_labels, a.sup_iterations, a.semi_iterations, a.long_factor,
-                    a.full_dataset, a.val_images, a.val_labels, a.selftrain_id,
-                    arms_wanted=tuple(a.arms) if a.arms else None, tune_lrs=tuple(a.tune_lrs))
+                    a.full_dataset, a.val_images, a.val_labels, a.selftrain_id, **protocol_options(a))
     run_protocol(prot, a, base, f"Dataset{a.d:03d}")
 
 

@@ -192,3 +192,23 @@ def test_class_adaptive_threshold_keeps_confident_part_of_every_class():
     slow = ClassAdaptiveThreshold(3, 0.95, momentum=0.5)
     slow.update(labels[:, :3], conf[:, :3], valid[:, :3])
     assert torch.allclose(slow.mean_conf, torch.tensor([0.5 / 3 + 0.5 * 0.99, 1 / 3, 1 / 3]))
+
+
+def test_background_threshold_holds_background_pixels_to_their_own_threshold():
+    from nnunetv2_sss.consistency.losses import ClassAdaptiveThreshold
+
+    # columns: background at 0.97, background at 0.999, class 1 at 0.96, class 2 at 0.9
+    probs = torch.tensor([[0.97, 0.999, 0.02, 0.05], [0.02, 0.0005, 0.96, 0.05], [0.01, 0.0005, 0.02, 0.9]])
+    logits = torch.log(probs).view(1, 3, 1, 4)
+    assert torch.equal(pseudo_label(logits, 0.95)[2], torch.tensor([[[1.0, 1, 1, 0]]]))
+    labels, conf, mask = pseudo_label(logits, 0.95, background_threshold=0.99)
+    assert torch.equal(labels, torch.tensor([[[0, 0, 1, 2]]]))
+    assert torch.equal(mask, torch.tensor([[[0.0, 1, 1, 0]]]))  # only the 0.97 background pixel is dropped
+    # a looser background threshold lowers only background's bar
+    assert torch.equal(pseudo_label(logits, 0.99, background_threshold=0.95)[2], torch.tensor([[[1.0, 1, 0, 0]]]))
+    # with class-adaptive thresholds it replaces background's adaptive one and leaves the others
+    t = ClassAdaptiveThreshold(3, 0.95, momentum=0.0)
+    t.update(labels, conf, torch.ones_like(conf))
+    base = t.thresholds().clone()
+    assert torch.equal(t.mask(labels, conf, 0.99), torch.tensor([[[0.0, 1, 1, 1]]]))
+    assert torch.equal(t.thresholds(), base)  # the stored thresholds are untouched

@@ -156,3 +156,11 @@ def test_warm_started_run_through_stock_nnunetv2_train(supervised) -> None:
                    "nnUNetv2_train", str(DATASET_ID), "2d", "all", "-tr", "nnUNetTrainerSSS_noSAM", "-device", "cpu",
                    ok=False)
     assert proc.returncode != 0 and "WarmStartError" in proc.stderr and "cannot be read" in proc.stderr
+
+
+def test_background_threshold_comes_from_env_and_out_of_range_is_refused(supervised, monkeypatch) -> None:
+    monkeypatch.setenv("nnUNet_sss_background_threshold", "0.99")
+    assert _trainer("nnUNetTrainerSSS_noSAM", None).background_threshold == 0.99
+    monkeypatch.setenv("nnUNet_sss_background_threshold", "1.5")
+    with pytest.raises(ValueError, match="background_threshold must be a softmax confidence"):
+        _trainer("nnUNetTrainerSSS_noSAM", None)

@@ -1,8 +1,9 @@
 """Pseudo-labels with confidence masks and the masked losses that train strong views against them.
 
 A pixel's pseudo-label is the weak view's arg-max; it only counts when the weak view's softmax confidence reaches
-the threshold (UniMatch's 0.95 by default). Pixels marked invalid (outside the image after augmentation, or where
-a SAM-2 map has no label) never count.
+the threshold (UniMatch's 0.95 by default); a pixel whose arg-max is background may be held to a stricter
+threshold of its own (``background_threshold``). Pixels marked invalid (outside the image after augmentation, or
+where a SAM-2 map has no label) never count.
 """
 
 from __future__ import annotations
@@ -15,11 +16,19 @@ from torch import nn
 
 
 @torch.no_grad()
-def pseudo_label(logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(labels (B, *sp) long, confidence (B, *sp), mask (B, *sp) float) from weak-view logits (B, C, *sp)."""
+def pseudo_label(logits: torch.Tensor, threshold: float, background_threshold: float | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(labels (B, *sp) long, confidence (B, *sp), mask (B, *sp) float) from weak-view logits (B, C, *sp).
+
+    ``background_threshold`` (None: ``threshold``) applies to the pixels whose arg-max is background (class 0).
+    Why a separate one: the errors that teach a student to shrink a structure are the structure's pixels
+    confidently called background, and background is the class a segmentation network is most confident in."""
     probs = torch.softmax(logits.float(), dim=1)
     conf, labels = probs.max(dim=1)
-    return labels, conf, (conf >= threshold).float()
+    if background_threshold is None:
+        return labels, conf, (conf >= threshold).float()
+    per_pixel = torch.where(labels == 0, background_threshold, threshold)
+    return labels, conf, (conf >= per_pixel).float()
 
 
 class ClassAdaptiveThreshold:
@@ -51,8 +60,13 @@ class ClassAdaptiveThreshold:
     def thresholds(self) -> torch.Tensor:
         return self.threshold * self.mean_conf / self.mean_conf.max().clamp(min=1e-8)
 
-    def mask(self, labels: torch.Tensor, conf: torch.Tensor) -> torch.Tensor:
-        return (conf >= self.thresholds().to(conf.device)[labels]).float()
+    def mask(self, labels: torch.Tensor, conf: torch.Tensor, background_threshold: float | None = None
+             ) -> torch.Tensor:
+        """Confident pixels under the per-class thresholds; ``background_threshold`` replaces background's."""
+        t = self.thresholds().to(conf.device)
+        if background_threshold is not None:
+            t[0] = background_threshold
+        return (conf >= t[labels]).float()
 
 
 class MaskedCEDiceLoss(nn.Module):

@@ -67,6 +67,10 @@ class nnUNetTrainerUniMatch(WeakToStrongHooks, SemiSupervisedLogging, CompleteCh
     mix_partners: str = "batch"
     confidence_threshold: float = 0.95
     class_adaptive_threshold: bool = False  # per-class thresholds scaled by each class's confidence (see losses.py)
+    # threshold of the pixels pseudo-labelled background (None: confidence_threshold); env
+    # nnUNet_sss_background_threshold. A stricter one drops more of the structure pixels confidently called
+    # background, the pseudo-label error that remains after the warm start (README, benchmarks)
+    background_threshold: float | None = None
     lambda_s1: float = 0.25
     lambda_s2: float = 0.25
     lambda_fp: float = 0.5
@@ -100,6 +104,9 @@ class nnUNetTrainerUniMatch(WeakToStrongHooks, SemiSupervisedLogging, CompleteCh
         fraction = float_env("nnUNet_sss_unsup_warmup_fraction")
         if fraction is not None:
             self.unsup_warmup_fraction = fraction
+        tau_bg = float_env("nnUNet_sss_background_threshold")
+        if tau_bg is not None:
+            self.background_threshold = tau_bg
 
     # the semi-supervised state, by the names the hooks, tests and subclasses use
     dfe = property(lambda self: self.semi_state.dfe)
@@ -115,6 +122,11 @@ class nnUNetTrainerUniMatch(WeakToStrongHooks, SemiSupervisedLogging, CompleteCh
                              f"this dataset with stock nnUNetTrainer, or define it with labels instead of regions.")
         if self.mix_partners not in ("batch", "draw"):
             raise ValueError(f"mix_partners must be 'batch' or 'draw', got {self.mix_partners!r}")
+        for name in ("confidence_threshold", "background_threshold"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a softmax confidence in [0, 1], got {value} (env "
+                                 f"nnUNet_sss_background_threshold or the trainer's attribute)")
         super().initialize()  # network, optimizer, and the warm start's weights (RunSettingsMixin)
         net = unwrap_network(self.network)
         adaptive = ClassAdaptiveThreshold(len(self.label_manager.all_labels), self.confidence_threshold) \

@@ -93,12 +93,13 @@ class WeakToStrongHooks:
     def make_pseudo_labels(self, u: UnlabeledBatch, weak: WeakPass) -> PseudoLabels:
         """Confident arg-max pseudo-labels of the weak view, and their CutMix'ed copies for both strong views."""
         logits, logits_mix, mix_skips = self.weak_logits(u, weak)
-        labels, conf, mask = pseudo_label(logits, self.confidence_threshold)
-        labels_m, conf_m, mask_m = pseudo_label(logits_mix, self.confidence_threshold)
+        tau, tau_bg = self.confidence_threshold, self.background_threshold
+        labels, conf, mask = pseudo_label(logits, tau, tau_bg)
+        labels_m, conf_m, mask_m = pseudo_label(logits_mix, tau, tau_bg)
         if self.adaptive_threshold is not None:
             self.adaptive_threshold.update(labels, conf, u.valid)
-            mask = self.adaptive_threshold.mask(labels, conf)
-            mask_m = self.adaptive_threshold.mask(labels_m, conf_m)
+            mask = self.adaptive_threshold.mask(labels, conf, tau_bg)
+            mask_m = self.adaptive_threshold.mask(labels_m, conf_m, tau_bg)
         mask = mask * u.valid
         mask_m = mask_m * u.mix_valid
         mixed = {view: tuple(apply_cutmix(a, b[u.partner], box) for a, b in
