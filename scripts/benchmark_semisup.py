@@ -75,8 +75,9 @@ class Protocol:
     arms_wanted: tuple[str, ...] | None = None
     locks: defaultdict = field(default_factory=lambda: defaultdict(threading.Lock))
 
-    def arms(self, seed: int, first_seed: bool) -> list[Arm]:
-        """In priority order: what the verdict needs first, the references and the plateau check after."""
+    def arms(self, seed: int, first_seed: bool, wanted_only: bool = True) -> list[Arm]:
+        """In priority order: what the verdict needs first, the references and the plateau check after; only the
+        ``arms_wanted`` unless ``wanted_only`` is False (the arm a wanted one starts from need not be wanted)."""
         b, s = self.sup_iterations, self.semi_iterations
         long_it = max(50, int(round(self.long_factor * s / 50)) * 50)
         out = [Arm("sup", "nnUNetTrainer_budget", b, self.dataset),
@@ -97,8 +98,8 @@ class Protocol:
                 Arm("unimatch_ws", "nnUNetTrainerUniMatch", s, self.dataset, "sup")]
         out.append(Arm("onerun", "nnUNetTrainerSSS_noSAM", b + s, self.dataset, None,
                        (("nnUNet_sss_unsup_warmup_fraction", f"{b / (b + s):.6f}"),)))
-        return [a for a in out if self.arms_wanted is None or arm_family(a.label) in self.arms_wanted
-                or a.label in self.arms_wanted]
+        return [a for a in out if not wanted_only or self.arms_wanted is None
+                or arm_family(a.label) in self.arms_wanted or a.label in self.arms_wanted]
 
 
 def arm_family(label: str) -> str:
@@ -117,7 +118,7 @@ class Runner:
         return bl.Run(arm.label, arm.dataset, arm.trainer, seed, arm.iterations, self.p.configuration, after=after)
 
     def arm(self, label: str, seed: int) -> Arm:
-        return next(a for a in self.p.arms(seed, seed == self.seeds[0]) if a.label == label)
+        return next(a for a in self.p.arms(seed, seed == self.seeds[0], wanted_only=False) if a.label == label)
 
     def train(self, arm: Arm, seed: int) -> None:
         r = self.run_of(arm, seed)

@@ -79,3 +79,12 @@ def test_tuning_arms_are_selected_by_family_or_by_exact_label() -> None:
     (arm,) = p.arms(0, first_seed=True)
     assert arm.env == (("nnUNet_sss_background_threshold", "0.999"),) and arm.warm_from == "sup" and not arm.test
     assert p.arms(1, first_seed=False) == []  # tuning runs on the first seed only
+
+
+def test_a_wanted_arm_finds_the_run_it_starts_from_even_when_that_is_not_wanted() -> None:
+    p = bs.Protocol(40, "2d", Path("ts"), Path("ls"), 4000, 1500, 5.0, val_images=Path("vi"), val_labels=Path("vl"),
+                    tune_lrs=(), tune_background_thresholds=(0.999,), arms_wanted=("tune_sss_ws",))
+    rn = bs.Runner(p, Path("work"), {}, [0], "cpu")
+    (arm,) = p.arms(0, first_seed=True)
+    run = rn.run_of(arm, 0)  # raised StopIteration when "sup" was not among the wanted arms
+    assert run.after == "sup4000" and run.iterations == 1500
