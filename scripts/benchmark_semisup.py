@@ -163,11 +163,16 @@ class Runner:
         f = self.work / "evaluation" / self.tag(arm, seed, split, checkpoint) / "summary.json"
         return json.loads(f.read_text()) if f.is_file() else None
 
+    def on_validation(self, arm: Arm, seed: int) -> bool:
+        """Learning curves on the validation cases: first seed only, and never the all-labeled reference, whose
+        training set may hold them (Hippocampus' does: every non-test case is labeled there)."""
+        return self.p.val_labels is not None and seed == self.seeds[0] and arm.label != "full"
+
     def train_and_score(self, arm: Arm, seed: int) -> None:
         self.train(arm, seed)
         if arm.test:
             self.score(arm, seed, "test")
-        if self.p.val_labels is not None and seed == self.seeds[0]:
+        if self.on_validation(arm, seed):
             r = self.run_of(arm, seed)
             cks = [ck for _, ck in bl.snapshots(r, self.work)] if arm.label != "sup_long" else ["checkpoint_final.pth"]
             for ck in cks:
@@ -226,7 +231,7 @@ def report(rn: Runner, title: str, earlier: list[Path] = ()) -> dict:
                     entry.setdefault("hd95", {}).setdefault(n, []).append(bl.fg_hd95(summ, c))
                 entry.setdefault("dice", {}).setdefault("mean", []).append(bl.fg_dice(summ))
                 entry.setdefault("hd95", {}).setdefault("mean", []).append(bl.fg_hd95(summ))
-        if p.val_labels is not None and done[0][1] == rn.seeds[0]:
+        if rn.on_validation(*done[0]):
             a, s = done[0]
             r = rn.run_of(a, s)
             cks = bl.snapshots(r, work) if label != "sup_long" else [(r.iterations, "checkpoint_final.pth")]

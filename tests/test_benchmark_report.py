@@ -88,3 +88,12 @@ def test_a_wanted_arm_finds_the_run_it_starts_from_even_when_that_is_not_wanted(
     (arm,) = p.arms(0, first_seed=True)
     run = rn.run_of(arm, 0)  # raised StopIteration when "sup" was not among the wanted arms
     assert run.after == "sup4000" and run.iterations == 1500
+
+
+def test_the_all_labeled_reference_gets_no_validation_curve() -> None:
+    p = bs.Protocol(40, "2d", Path("ts"), Path("ls"), 4000, 1500, 5.0, full_dataset=41, val_images=Path("vi"),
+                    val_labels=Path("vl"))
+    rn = bs.Runner(p, Path("work"), {}, [0, 1], "cpu")
+    by_label = {a.label: a for a in p.arms(0, first_seed=True)}
+    assert rn.on_validation(by_label["sss_ws"], 0) and not rn.on_validation(by_label["sss_ws"], 1)
+    assert not rn.on_validation(by_label["full"], 0)  # its training set may hold the validation cases
