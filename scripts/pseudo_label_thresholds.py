@@ -2,7 +2,7 @@
 
 For each checkpoint (e.g. the supervised model a warm start begins from, and a semi-supervised model), every case
 of ``--labels`` is predicted from ``--images`` by nnU-Net's ``nnUNetPredictor`` (no TTA), and for each background
-threshold t (foreground pixels keep ``--threshold``):
+threshold t (the foreground classes' threshold does not change these numbers):
 
 * per class c, ``confident_background``: the share of c's labelled pixels predicted background with confidence
   >= t, the pseudo-label error that teaches a student to shrink the structure;
@@ -27,8 +27,7 @@ import bench_lib as bl
 import numpy as np
 
 
-def sweep(checkpoint: Path, images: Path, labels: Path, ds: dict, thresholds: list[float], threshold: float,
-          device: str) -> dict:
+def sweep(checkpoint: Path, images: Path, labels: Path, ds: dict, thresholds: list[float], device: str) -> dict:
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
     from nnunetv2_sss.evaluation.prediction import predictor_from_checkpoint
@@ -40,7 +39,6 @@ def sweep(checkpoint: Path, images: Path, labels: Path, ds: dict, thresholds: li
     # per t: [per class: structure pixels, of those confidently background], true-bg pixels, kept, confident bg
     per_class = {t: {c: np.zeros(2) for c in classes} for t in thresholds}
     bg = {t: np.zeros(3) for t in thresholds}
-    fg_confident = 0
     cases = sorted(labels.glob(f"*{ending}"))
     if not cases:
         raise SystemExit(f"{labels}: no label files ending in {ending}")
@@ -52,7 +50,6 @@ def sweep(checkpoint: Path, images: Path, labels: Path, ds: dict, thresholds: li
         conf = np.asarray(probs).max(0)
         if conf.shape != gt.shape:
             raise RuntimeError(f"{lab}: probabilities {conf.shape} vs label {gt.shape}")
-        fg_confident += int(((seg > 0) & (conf >= threshold)).sum())
         for t in thresholds:
             conf_bg = (seg == 0) & (conf >= t)
             for c in classes:
@@ -60,7 +57,7 @@ def sweep(checkpoint: Path, images: Path, labels: Path, ds: dict, thresholds: li
                 per_class[t][c] += [g.sum(), (g & conf_bg).sum()]
             true_bg = gt == 0
             bg[t] += [true_bg.sum(), (true_bg & conf_bg).sum(), conf_bg.sum()]
-    return {"checkpoint": str(checkpoint), "cases": len(cases), "foreground_threshold": threshold,
+    return {"checkpoint": str(checkpoint), "cases": len(cases),
             "background_thresholds": {
                 str(t): {"confident_background": {classes[c]: float(v[1] / v[0]) if v[0] else None
                                                   for c, v in per_class[t].items()},
@@ -76,7 +73,6 @@ def main() -> None:
     p.add_argument("--dataset-json", type=Path, required=True, help="the dataset's dataset.json")
     p.add_argument("--checkpoints", type=Path, nargs="+", required=True)
     p.add_argument("--background-thresholds", type=float, nargs="+", default=[0.95, 0.98, 0.99, 0.995, 0.999])
-    p.add_argument("--threshold", type=float, default=0.95, help="the foreground classes' threshold")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--device", default="cpu")
     a = p.parse_args()
@@ -90,7 +86,7 @@ def main() -> None:
 
     bl.with_bench_trainers(ensure_ext_trainer_env())  # benchmark trainers are found by name
     ds = json.loads(a.dataset_json.read_text())
-    res = [sweep(ck, a.images, a.labels, ds, a.background_thresholds, a.threshold, a.device) for ck in a.checkpoints]
+    res = [sweep(ck, a.images, a.labels, ds, a.background_thresholds, a.device) for ck in a.checkpoints]
     bl.write_atomic(a.out, json.dumps({"machine": bl.machine_line(a.device), "commit": bl.git_commit(),
                                        "results": res}, indent=1))
     for r in res:

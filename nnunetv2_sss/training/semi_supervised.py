@@ -125,8 +125,9 @@ class nnUNetTrainerUniMatch(WeakToStrongHooks, SemiSupervisedLogging, CompleteCh
         for name in ("confidence_threshold", "background_threshold"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be a softmax confidence in [0, 1], got {value} (env "
-                                 f"nnUNet_sss_background_threshold or the trainer's attribute)")
+                source = "env nnUNet_sss_background_threshold or " if name == "background_threshold" else ""
+                raise ValueError(f"{name} must be a softmax confidence in [0, 1], got {value} ({source}the "
+                                 f"trainer's attribute): set it to a value such as 0.95")
         super().initialize()  # network, optimizer, and the warm start's weights (RunSettingsMixin)
         net = unwrap_network(self.network)
         adaptive = ClassAdaptiveThreshold(len(self.label_manager.all_labels), self.confidence_threshold) \
