@@ -16,8 +16,9 @@ that training never sees, one resumable command trains, per seed, on fold ``all`
 * ``onerun``     ``nnUNetTrainerSSS_noSAM`` from scratch in one run: B supervised warm-up iterations inside the run,
                  then S semi-supervised ones (``nnUNet_sss_unsup_warmup_fraction`` = B / (B + S));
 * ``tune_*``     (first seed, validation cases only) the semi stage at another learning rate
-                 (``tune_sss_ws_lr*``), with a background threshold of its own (``tune_sss_ws_bg*``), or with
-                 pseudo-labels from an EMA teacher (``tune_sss_ws_ema``).
+                 (``tune_sss_ws_lr*``), with a background threshold of its own (``tune_sss_ws_bg*``), with its
+                 unsupervised weights scaled (``tune_sss_ws_uw*``), or with pseudo-labels from an EMA teacher
+                 (``tune_sss_ws_ema``).
 
 Every arm's time counts the supervised stage it starts from (total training time). Test cases are predicted by
 nnU-Net's ``nnUNetPredictor`` with the **final** checkpoint, no TTA; Dice and HD95 per class; mean +- std over
@@ -72,6 +73,7 @@ class Protocol:
     selftrain_id: int | None = None  # dataset id of the self-training dataset of seed 0 (+seed)
     tune_lrs: tuple[float, ...] = (0.001,)
     tune_background_thresholds: tuple[float, ...] = ()
+    tune_unsup_weights: tuple[float, ...] = ()
     arms_wanted: tuple[str, ...] | None = None
     locks: defaultdict = field(default_factory=lambda: defaultdict(threading.Lock))
 
@@ -91,6 +93,8 @@ class Protocol:
             out += [Arm(f"tune_sss_ws_bg{t:g}", "nnUNetTrainerSSS_noSAM", s, self.dataset, "sup",
                         (("nnUNet_sss_background_threshold", str(t)),), test=False)
                     for t in self.tune_background_thresholds]
+            out += [Arm(f"tune_sss_ws_uw{w:g}", "nnUNetTrainerSSS_noSAM", s, self.dataset, "sup",
+                        (("nnUNet_sss_unsup_weight", str(w)),), test=False) for w in self.tune_unsup_weights]
             out.append(Arm("tune_sss_ws_ema", "nnUNetTrainerSSS_noSAM_EMA", s, self.dataset, "sup", test=False))
         if self.full_dataset is not None:
             out.append(Arm("full", "nnUNetTrainer_budget", 2 * b, self.full_dataset))
@@ -104,7 +108,7 @@ class Protocol:
 
 def arm_family(label: str) -> str:
     """The arm without its tuned value: ``tune_sss_ws_lr0.001`` and ``tune_sss_ws_bg0.99`` -> ``tune_sss_ws``."""
-    return re.sub(r"_(lr|bg)[0-9.e+-]+$", "", label)
+    return re.sub(r"_(lr|bg|uw)[0-9.e+-]+$", "", label)
 
 
 class Runner:
@@ -460,6 +464,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tune-background-thresholds", type=float, nargs="*", default=[],
                    help="background thresholds (nnUNet_sss_background_threshold) tried on the validation cases, "
                         "first seed (default: none; the trainers' default is the confidence threshold, 0.95)")
+    p.add_argument("--tune-unsup-weights", type=float, nargs="*", default=[],
+                   help="factors of every unsupervised weight (nnUNet_sss_unsup_weight) tried on the validation cases, "
+                        "first seed (default: none; the trainers' default is 1.0, 2.0 is UniMatch's ratio)")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--earlier-results", type=Path, nargs="*", default=[],
                    help="results JSON of earlier runs of this protocol (e.g. from a lost machine, committed under "
@@ -470,7 +477,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def protocol_options(a: argparse.Namespace) -> dict:
     """The ``Protocol`` keywords that ``add_arguments``' options set."""
     return dict(arms_wanted=tuple(a.arms) if a.arms else None, tune_lrs=tuple(a.tune_lrs),
-                tune_background_thresholds=tuple(a.tune_background_thresholds))
+                tune_background_thresholds=tuple(a.tune_background_thresholds),
+                tune_unsup_weights=tuple(a.tune_unsup_weights))
 
 
 def run_protocol(p: Protocol, a: argparse.Namespace, base: dict[str, str], title: str) -> dict:

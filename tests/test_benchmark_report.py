@@ -66,18 +66,23 @@ def test_merge_takes_learning_curves_only_with_their_seed() -> None:
 
 
 def test_tuning_arms_are_selected_by_family_or_by_exact_label() -> None:
-    def labels(wanted, lrs=(0.001,), bgs=(0.99, 0.999)) -> list[str]:
+    def labels(wanted, lrs=(0.001,), bgs=(0.99, 0.999), uws=()) -> list[str]:
         p = bs.Protocol(40, "2d", Path("ts"), Path("ls"), 4000, 1500, 5.0, val_images=Path("vi"),
-                        val_labels=Path("vl"), tune_lrs=lrs, tune_background_thresholds=bgs, arms_wanted=wanted)
+                        val_labels=Path("vl"), tune_lrs=lrs, tune_background_thresholds=bgs,
+                        tune_unsup_weights=uws, arms_wanted=wanted)
         return [a.label for a in p.arms(0, first_seed=True)]
 
     assert labels(("tune_sss_ws",)) == ["tune_sss_ws_lr0.001", "tune_sss_ws_bg0.99", "tune_sss_ws_bg0.999"]
     assert labels(("tune_sss_ws",), lrs=()) == ["tune_sss_ws_bg0.99", "tune_sss_ws_bg0.999"]
     assert labels(("sup", "tune_sss_ws_bg0.999")) == ["sup", "tune_sss_ws_bg0.999"]
+    assert labels(("tune_sss_ws",), lrs=(), bgs=(), uws=(2.0,)) == ["tune_sss_ws_uw2"]
     p = bs.Protocol(40, "2d", Path("ts"), Path("ls"), 4000, 1500, 5.0, val_images=Path("vi"), val_labels=Path("vl"),
                     tune_background_thresholds=(0.999,), arms_wanted=("tune_sss_ws_bg0.999",))
     (arm,) = p.arms(0, first_seed=True)
     assert arm.env == (("nnUNet_sss_background_threshold", "0.999"),) and arm.warm_from == "sup" and not arm.test
+    p.tune_unsup_weights, p.arms_wanted = (2.0,), ("tune_sss_ws_uw2",)
+    (arm,) = p.arms(0, first_seed=True)
+    assert arm.env == (("nnUNet_sss_unsup_weight", "2.0"),) and arm.warm_from == "sup" and not arm.test
     assert p.arms(1, first_seed=False) == []  # tuning runs on the first seed only
 
 

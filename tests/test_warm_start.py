@@ -158,9 +158,20 @@ def test_warm_started_run_through_stock_nnunetv2_train(supervised) -> None:
     assert proc.returncode != 0 and "WarmStartError" in proc.stderr and "cannot be read" in proc.stderr
 
 
-def test_background_threshold_comes_from_env_and_out_of_range_is_refused(supervised, monkeypatch) -> None:
+def test_pseudo_label_settings_come_from_env_and_out_of_range_is_refused(supervised, monkeypatch) -> None:
     monkeypatch.setenv("nnUNet_sss_background_threshold", "0.99")
-    assert _trainer("nnUNetTrainerSSS_noSAM", None).background_threshold == 0.99
+    monkeypatch.setenv("nnUNet_sss_unsup_weight", "2")
+    t = _trainer("nnUNetTrainerSSS_noSAM", None)
+    assert t.background_threshold == 0.99 and t.unsup_weight == 2.0
+    t.sss_step = t.num_epochs * t.num_iterations_per_epoch  # past the warm-up and the ramp: every weight whole
+    w = t.unsupervised_weights()
+    assert t.use_dfe and t.lambda_dfe > 0
+    assert (w["s1"], w["s2"], w["fp"], w["dfe"]) == (2 * t.lambda_s1, 2 * t.lambda_s2, 2 * t.lambda_fp,
+                                                     2 * t.lambda_dfe)
+    monkeypatch.setenv("nnUNet_sss_unsup_weight", "-1")
+    with pytest.raises(ValueError, match="unsup_weight must be a finite number >= 0"):
+        _trainer("nnUNetTrainerSSS_noSAM", None)
+    monkeypatch.setenv("nnUNet_sss_unsup_weight", "1")
     monkeypatch.setenv("nnUNet_sss_background_threshold", "1.5")
     with pytest.raises(ValueError, match="background_threshold must be a softmax confidence"):
         _trainer("nnUNetTrainerSSS_noSAM", None)

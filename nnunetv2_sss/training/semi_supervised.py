@@ -75,6 +75,9 @@ class nnUNetTrainerUniMatch(WeakToStrongHooks, SemiSupervisedLogging, CompleteCh
     lambda_s2: float = 0.25
     lambda_fp: float = 0.5
     lambda_dfe: float = 0.0
+    # multiplies every unsupervised weight above (not SAM's); env nnUNet_sss_unsup_weight. 2.0 restores UniMatch's
+    # ratio of unsupervised to supervised loss (UniMatch halves its supervised loss, we keep nnU-Net's whole)
+    unsup_weight: float = 1.0
     # A run from scratch (no warm start) trains supervised only for this share of its iterations (no unlabeled batch
     # drawn, nnU-Net's own step), then ramps the unsupervised weights in (sigmoid) over ``unsup_rampup_fraction`` of
     # the run: before the student has learnt the labeled cases its confident pixels are background, and the
@@ -107,6 +110,9 @@ class nnUNetTrainerUniMatch(WeakToStrongHooks, SemiSupervisedLogging, CompleteCh
         tau_bg = float_env("nnUNet_sss_background_threshold")
         if tau_bg is not None:
             self.background_threshold = tau_bg
+        unsup_weight = float_env("nnUNet_sss_unsup_weight")
+        if unsup_weight is not None:
+            self.unsup_weight = unsup_weight
 
     # the semi-supervised state, by the names the hooks, tests and subclasses use
     dfe = property(lambda self: self.semi_state.dfe)
@@ -128,6 +134,9 @@ class nnUNetTrainerUniMatch(WeakToStrongHooks, SemiSupervisedLogging, CompleteCh
                 source = "env nnUNet_sss_background_threshold or " if name == "background_threshold" else ""
                 raise ValueError(f"{name} must be a softmax confidence in [0, 1], got {value} ({source}the "
                                  f"trainer's attribute): set it to a value such as 0.95")
+        if not (math.isfinite(self.unsup_weight) and self.unsup_weight >= 0):
+            raise ValueError(f"unsup_weight must be a finite number >= 0, got {self.unsup_weight} (env "
+                             f"nnUNet_sss_unsup_weight or the trainer's attribute): 1.0 is the default")
         super().initialize()  # network, optimizer, and the warm start's weights (RunSettingsMixin)
         net = unwrap_network(self.network)
         adaptive = ClassAdaptiveThreshold(len(self.label_manager.all_labels), self.confidence_threshold) \
@@ -144,6 +153,12 @@ class nnUNetTrainerUniMatch(WeakToStrongHooks, SemiSupervisedLogging, CompleteCh
         global_bs = max(2, round(self.configuration_manager.batch_size * self.unlabeled_batch_ratio))
         self.unlabeled_batch_size = split_batch_across_ranks(global_bs, dist.get_world_size(), dist.get_rank()) \
             if self.is_ddp else global_bs
+        tau_bg = "the same" if self.background_threshold is None else self.background_threshold
+        self.print_to_log_file(
+            f"pseudo-labels: confidence threshold {self.confidence_threshold}, background {tau_bg}; unsupervised "
+            f"weights s1 {self.lambda_s1}, s2 {self.lambda_s2}, fp {self.lambda_fp}, "
+            f"dfe {self.lambda_dfe if self.use_dfe else 0} x {self.unsup_weight}; unlabeled batch "
+            f"{self.unlabeled_batch_size}")
 
     @property
     def unlabeled_folder(self) -> str:
@@ -205,7 +220,7 @@ class nnUNetTrainerUniMatch(WeakToStrongHooks, SemiSupervisedLogging, CompleteCh
 
     def unsupervised_weights(self) -> dict[str, float]:
         """This step's weight of each unsupervised term (0 skips the term's computation)."""
-        r = self.unsupervised_rampup()
+        r = self.unsupervised_rampup() * self.unsup_weight
         return {"s1": r * self.lambda_s1, "s2": r * self.lambda_s2, "fp": r * self.lambda_fp,
                 "dfe": r * self.lambda_dfe if self.dfe is not None else 0.0,
                 "sam": self.sam_loss_weight() if self.use_sam else 0.0}
