@@ -39,4 +39,16 @@ $PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hi
 $PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hippocampus" \
   --sup-iterations 4000 --semi-iterations 1500 --seeds 0 1 2 --report-only --arms sup sss_ws sup_long selftrain full \
   --earlier-results docs/benchmarks/hippocampus_B4000_S1500_round3_partial.json
+# Hippocampus round 4: the semi stage at S = 3000 (validation, seed 0, on the machine lost on 2026-12-04: 0.816 at
+# 3000 against 0.807 at 1500, still rising), every verdict arm on 3 seeds from new supervised models; one tuning arm
+# (unsup_weight 2, UniMatch's ratio of unsupervised to supervised loss; validation, seed 0); then UniMatch and the
+# all-labeled reference on this machine
+$PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hippocampus" \
+  --sup-iterations 4000 --semi-iterations 3000 --seeds 0 1 2 --jobs 2 \
+  --arms sup sss_ws sup_long selftrain tune_sss_ws_uw2 --tune-lrs --tune-unsup-weights 2
+$PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hippocampus" \
+  --sup-iterations 4000 --semi-iterations 3000 --seeds 0 1 2 --jobs 2 --arms sup unimatch_ws full
+$PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hippocampus" \
+  --sup-iterations 4000 --semi-iterations 3000 --seeds 0 1 2 --report-only \
+  --arms sup sss_ws sup_long selftrain unimatch_ws full tune_sss_ws_uw2 --tune-lrs --tune-unsup-weights 2
 echo "== $(date) done"
