@@ -12,6 +12,7 @@ import io
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -135,20 +136,32 @@ def test_concurrent_preprocessing_waits_for_the_lock(planned):
     from nnunetv2_sss.unlabeled.preprocess import is_up_to_date, preprocessing_lock
 
     out = _out(dirs, raw)
+    err_lines: list[str] = []
+    blocked = threading.Event()
+
+    def read_stderr(proc: subprocess.Popen) -> None:
+        for line in proc.stderr:
+            err_lines.append(line)
+            if "Waiting for another process" in line:
+                blocked.set()
+
     with preprocessing_lock(out):
         waiting = subprocess.Popen([sys.executable, "-c", _PREPROCESS, str(DATASET_ID), "force"], env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 60
-        while time.time() < deadline and not list(out.parent.glob(f"{out.name}.lock")):
-            time.sleep(0.2)
-        time.sleep(8)  # long enough for the import and, without the lock, the whole preprocessing
-        assert waiting.poll() is None, waiting.communicate()
+        reader = threading.Thread(target=read_stderr, args=(waiting,), daemon=True)
+        reader.start()
+        # it says so when it reaches the lock, however long its imports take on a loaded machine
+        assert blocked.wait(timeout=300), "".join(err_lines)
+        time.sleep(2)
+        assert waiting.poll() is None, "".join(err_lines)  # still blocked while the lock is held
         assert not list(out.parent.glob(f"{out.name}.tmp-{waiting.pid}"))
-    procs = [waiting] + [subprocess.Popen([sys.executable, "-c", _PREPROCESS, str(DATASET_ID), "force"], env=env,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
-    results = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], results
-    assert "Waiting for another process" in results[0][1]
+    second = subprocess.Popen([sys.executable, "-c", _PREPROCESS, str(DATASET_ID), "force"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results = [second.communicate(timeout=300)]
+    waiting.wait(timeout=300)
+    reader.join(timeout=30)
+    assert [waiting.returncode, second.returncode] == [0, 0], ("".join(err_lines), results)
+    assert "done" in waiting.stdout.read() and "done" in results[0][0]
     assert is_up_to_date(DATASET_ID, "2d")
     assert not list(out.parent.glob(f"{out.name}.tmp-*")) and not list(out.parent.glob(f"{out.name}.old-*"))
 
