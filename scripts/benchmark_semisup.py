@@ -88,13 +88,11 @@ class Protocol:
         if self.selftrain_id is not None:
             out.append(Arm("selftrain", "nnUNetTrainer_budget", b, self.selftrain_id + seed))
         if first_seed and self.val_labels is not None:
-            out += [Arm(f"tune_sss_ws_lr{lr:g}", "nnUNetTrainerSSS_noSAM", s, self.dataset, "sup",
-                        (("nnUNet_sss_warm_start_lr", str(lr)),), test=False) for lr in self.tune_lrs]
-            out += [Arm(f"tune_sss_ws_bg{t:g}", "nnUNetTrainerSSS_noSAM", s, self.dataset, "sup",
-                        (("nnUNet_sss_background_threshold", str(t)),), test=False)
-                    for t in self.tune_background_thresholds]
-            out += [Arm(f"tune_sss_ws_uw{w:g}", "nnUNetTrainerSSS_noSAM", s, self.dataset, "sup",
-                        (("nnUNet_sss_unsup_weight", str(w)),), test=False) for w in self.tune_unsup_weights]
+            for tag, env, values in (("lr", "nnUNet_sss_warm_start_lr", self.tune_lrs),
+                                     ("bg", "nnUNet_sss_background_threshold", self.tune_background_thresholds),
+                                     ("uw", "nnUNet_sss_unsup_weight", self.tune_unsup_weights)):
+                out += [Arm(f"tune_sss_ws_{tag}{v:g}", "nnUNetTrainerSSS_noSAM", s, self.dataset, "sup",
+                            ((env, str(v)),), test=False) for v in values]
             out.append(Arm("tune_sss_ws_ema", "nnUNetTrainerSSS_noSAM_EMA", s, self.dataset, "sup", test=False))
         if self.full_dataset is not None:
             out.append(Arm("full", "nnUNetTrainer_budget", 2 * b, self.full_dataset))

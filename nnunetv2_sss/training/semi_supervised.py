@@ -104,15 +104,10 @@ class nnUNetTrainerUniMatch(WeakToStrongHooks, SemiSupervisedLogging, CompleteCh
         self.unlabeled_loss = MaskedCEDiceLoss(do_bg=self.unsup_dice_do_bg)
         self.encoder_fn: nn.Module | None = None
         self.decoder_fn: nn.Module | None = None
-        fraction = float_env("nnUNet_sss_unsup_warmup_fraction")
-        if fraction is not None:
-            self.unsup_warmup_fraction = fraction
-        tau_bg = float_env("nnUNet_sss_background_threshold")
-        if tau_bg is not None:
-            self.background_threshold = tau_bg
-        unsup_weight = float_env("nnUNet_sss_unsup_weight")
-        if unsup_weight is not None:
-            self.unsup_weight = unsup_weight
+        for attr in ("unsup_warmup_fraction", "background_threshold", "unsup_weight"):  # env nnUNet_sss_<attr> wins
+            value = float_env(f"nnUNet_sss_{attr}")
+            if value is not None:
+                setattr(self, attr, value)
 
     # the semi-supervised state, by the names the hooks, tests and subclasses use
     dfe = property(lambda self: self.semi_state.dfe)
