@@ -56,6 +56,9 @@ $PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hi
 # S = 3000; the verdict arms on 3 seeds, then the controls that fit
 $PY scripts/benchmark_acdc.py --acdc "$DATA/ACDC" --work "$WORK/acdc_cpu" --configuration 2d_cpu \
   --sup-iterations 4000 --semi-iterations 3000 --seeds 0 1 2 --jobs 2 --arms sup sss_ws selftrain full
+# Hippocampus round 4, the rest: the plateau check at 2B, the one-run trainer, and the EMA teacher on validation
+$PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hippocampus" \
+  --sup-iterations 4000 --semi-iterations 3000 --seeds 0 1 2 --jobs 2 --arms sup sup_2B onerun tune_sss_ws_ema
 $PY scripts/benchmark_acdc.py --acdc "$DATA/ACDC" --work "$WORK/acdc_cpu" --configuration 2d_cpu \
   --sup-iterations 4000 --semi-iterations 3000 --seeds 0 1 2 --jobs 2 --arms sup sup_long unimatch_ws sup_2B
 echo "== $(date) done"
