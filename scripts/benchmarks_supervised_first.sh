@@ -16,7 +16,7 @@ $PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hi
 $PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hippocampus" \
   --sup-iterations 4000 --semi-iterations 1500 --seeds 0 --jobs 1 --arms sup tune_sss_ws --tune-lrs 0.01
 # ACDC, 3 labeled patients
-$PY scripts/benchmark_acdc.py --acdc "$DATA/ACDC" --work "$WORK/acdc" \
+$PY scripts/benchmark_acdc.py --acdc "$DATA/ACDC" --work "$WORK/acdc" --configuration 2d_small \
   --sup-iterations 3000 --semi-iterations 600 --seeds 0 1 --jobs 2 --arms sup sss_ws selftrain full sup_2B
 # the rest of Hippocampus round 2 (plateau check at 8000, the all-labeled reference, the one-run trainer)
 $PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hippocampus" \
@@ -25,7 +25,7 @@ $PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hi
 $PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hippocampus" \
   --sup-iterations 4000 --semi-iterations 1500 --seeds 0 1 2 --jobs 2 --arms sup sss_ws sup_long
 # ACDC, a third seed (the two-seed spread of sss_ws is too wide for a verdict)
-$PY scripts/benchmark_acdc.py --acdc "$DATA/ACDC" --work "$WORK/acdc" \
+$PY scripts/benchmark_acdc.py --acdc "$DATA/ACDC" --work "$WORK/acdc" --configuration 2d_small \
   --sup-iterations 3000 --semi-iterations 600 --seeds 2 --jobs 1 --arms sup sss_ws selftrain full
 # is a semi stage longer than 1500 worth it? validation only (seed 0)
 $PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hippocampus" \
