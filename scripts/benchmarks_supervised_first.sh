@@ -51,14 +51,14 @@ $PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hi
 $PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hippocampus" \
   --sup-iterations 4000 --semi-iterations 3000 --seeds 0 1 2 --report-only \
   --arms sup sss_ws sup_long selftrain unimatch_ws full tune_sss_ws_uw2 --tune-lrs --tune-unsup-weights 2
-# ACDC round 2 (the first ACDC runs, 2d_small at B = 3000 / S = 600, were on the machine lost on 2026-12-04): the
+# ACDC round 2 (the first ACDC runs, 2d_small at B = 3000 / S = 600, were on the Intel machine, since lost): the
 # CPU-sized 2d_cpu configuration (half 2d_small's cost per iteration) and Hippocampus' chosen lengths, B = 4000,
-# S = 3000; the verdict arms on 3 seeds, then the controls that fit
+# S = 3000; the verdict arms and UniMatch (DFE against it, on a multi-class dataset) on 3 seeds, then the controls
 $PY scripts/benchmark_acdc.py --acdc "$DATA/ACDC" --work "$WORK/acdc_cpu" --configuration 2d_cpu \
-  --sup-iterations 4000 --semi-iterations 3000 --seeds 0 1 2 --jobs 2 --arms sup sss_ws selftrain full
+  --sup-iterations 4000 --semi-iterations 3000 --seeds 0 1 2 --jobs 2 --arms sup sss_ws selftrain full unimatch_ws
 # Hippocampus round 4, the rest: the plateau check at 2B, the one-run trainer, and the EMA teacher on validation
 $PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hippocampus" \
   --sup-iterations 4000 --semi-iterations 3000 --seeds 0 1 2 --jobs 2 --arms sup sup_2B onerun tune_sss_ws_ema
 $PY scripts/benchmark_acdc.py --acdc "$DATA/ACDC" --work "$WORK/acdc_cpu" --configuration 2d_cpu \
-  --sup-iterations 4000 --semi-iterations 3000 --seeds 0 1 2 --jobs 2 --arms sup sup_long unimatch_ws sup_2B
+  --sup-iterations 4000 --semi-iterations 3000 --seeds 0 1 2 --jobs 2 --arms sup sup_long sup_2B
 echo "== $(date) done"
