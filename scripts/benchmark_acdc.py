@@ -34,15 +34,31 @@ CONFIGS = {
 }
 
 
+def claim_work_folder(work: Path, config: str) -> None:
+    """One configuration per work folder: run names, predictions, self-training datasets and reports do not carry
+    it. A folder of the first ACDC runs (before this stamp: ``.planned_28``) holds ``2d_small``."""
+    stamp = work / "configuration.txt"
+    if not stamp.is_file() and (work / ".planned_28").exists():
+        for marker in (".configured_2d_small", ".planned_28_2d_small"):
+            (work / marker).touch()
+        bl.write_atomic(stamp, "2d_small\n")
+    held = stamp.read_text().strip() if stamp.is_file() else config
+    if held != config:
+        raise SystemExit(f"{work} holds runs of configuration {held!r}, not {config!r}: give --configuration {held} "
+                         f"or another --work folder")
+    bl.write_atomic(stamp, config + "\n")
+
+
 def prepare(acdc: Path, base: dict[str, str], work: Path, np_workers: int, config: str) -> None:
     from nnunetv2_sss.datasets.acdc import convert_acdc
 
+    claim_work_folder(work, config)
     for ds_id, labeled in ((SEMI_ID, "3"), (FULL_ID, "all")):
         if bl.todo(work / f".converted_{ds_id}", f"convert ACDC (labeled={labeled}) -> Dataset{ds_id:03d}"):
             convert_acdc(acdc, dataset_id=ds_id, labeled=labeled, overwrite=True)
             (work / f".converted_{ds_id}").touch()
     log = work / "logs" / "plan.log"
-    # planning rewrites nnUNetPlans.json, so it runs once per work folder; each configuration is added to it after
+    # planning rewrites nnUNetPlans.json (dropping added configurations), so it runs once per work folder
     if bl.todo(work / ".planned", "fingerprint and plan"):
         bl.run([bl.bin_cmd("nnUNetv2_extract_fingerprint"), "-d", str(SEMI_ID), "-np", str(np_workers)], base, log)
         bl.run([bl.bin_cmd("nnUNetv2_plan_experiment"), "-d", str(SEMI_ID)], base, log)

@@ -1,5 +1,6 @@
 #!/bin/bash
-# The supervised-first benchmarks of the README, in priority order; resumable: rerun to continue.
+# The supervised-first benchmarks of the README, in priority order; resumable: rerun to continue. By default the
+# current rounds (Hippocampus round 4, ACDC round 2); RERUN_EARLIER=1 reruns the earlier ones first.
 # Usage: WORK=benchmark_output DATA=../shared/data bash scripts/benchmarks_supervised_first.sh
 # Run it from a git worktree at a fixed commit (every run's run.json records the commit).
 set -e
@@ -8,6 +9,9 @@ PY=${PY:-python}
 WORK=${WORK:-benchmark_output}
 DATA=${DATA:-../shared/data}
 echo "== $(date) at $(git rev-parse --short HEAD)"
+# The earlier rounds (Hippocampus rounds 2-3, ACDC round 1; results in docs/benchmarks), superseded by the rounds
+# after them: only with RERUN_EARLIER=1
+if [ "${RERUN_EARLIER:-0}" = 1 ]; then
 # Hippocampus round 2 (B = 4000: its sup is round 1's sup_2B when that work folder is kept), the verdict arms first
 $PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hippocampus" \
   --sup-iterations 4000 --semi-iterations 500 --seeds 0 1 2 --jobs 2 \
@@ -39,6 +43,7 @@ $PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hi
 $PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hippocampus" \
   --sup-iterations 4000 --semi-iterations 1500 --seeds 0 1 2 --report-only --arms sup sss_ws sup_long selftrain full \
   --earlier-results docs/benchmarks/hippocampus_B4000_S1500_round3_partial.json
+fi
 # Hippocampus round 4: the semi stage at S = 3000 (validation, seed 0, on the machine lost on 2026-12-04: 0.816 at
 # 3000 against 0.807 at 1500, still rising), every verdict arm on 3 seeds from new supervised models; one tuning arm
 # (unsup_weight 2, UniMatch's ratio of unsupervised to supervised loss; validation, seed 0); then UniMatch and the

@@ -102,3 +102,19 @@ def test_the_all_labeled_reference_gets_no_validation_curve() -> None:
     by_label = {a.label: a for a in p.arms(0, first_seed=True)}
     assert rn.on_validation(by_label["sss_ws"], 0) and not rn.on_validation(by_label["sss_ws"], 1)
     assert not rn.on_validation(by_label["full"], 0)  # its training set may hold the validation cases
+
+
+def test_acdc_work_folder_holds_one_configuration(tmp_path: Path) -> None:
+    import benchmark_acdc as ba
+
+    ba.claim_work_folder(tmp_path, "2d_cpu")
+    ba.claim_work_folder(tmp_path, "2d_cpu")  # the same one again: resumes
+    with pytest.raises(SystemExit, match="holds runs of configuration '2d_cpu', not '2d_small'"):
+        ba.claim_work_folder(tmp_path, "2d_small")
+    old = tmp_path / "old"  # a folder of the first ACDC runs: planned with 2d_small before the stamp existed
+    old.mkdir()
+    (old / ".planned").touch()
+    (old / ".planned_28").touch()
+    with pytest.raises(SystemExit, match="--configuration 2d_small"):
+        ba.claim_work_folder(old, "2d_cpu")
+    assert (old / ".configured_2d_small").exists() and (old / ".planned_28_2d_small").exists()
