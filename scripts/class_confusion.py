@@ -8,7 +8,7 @@ voxels that are background or another class in the ground truth:
     python scripts/class_confusion.py --labels WORK/nnUNet_raw/Dataset040_Hippo3/labelsVal \\
         --predictions WORK/predictions/val_sup_s0_it4000_checkpoint_final WORK/predictions/val_sss_ws_...
 
-Every prediction folder must hold one file per ground-truth file, same name; labels are integers 0..C-1.
+Every prediction folder must hold one file per ground-truth file, same name and shape; labels are integers 0..C-1.
 """
 
 from __future__ import annotations
@@ -18,27 +18,22 @@ import json
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
+from nnunetv2_sss.evaluation.metrics import check_pair, detect_file_ending, pair_cases, read_segmentation
 from nnunetv2_sss.files import atomic_write_json
 
 
 def confusion(labels: Path, predictions: Path, num_classes: int) -> np.ndarray:
-    """Rows: ground-truth class, columns: predicted class; voxel counts summed over every case of ``labels``."""
+    """Rows: ground-truth class, columns: predicted class; voxel counts summed over every case of ``labels``, paired,
+    checked and read as ``nnUNetv2_sss_evaluate`` does."""
+    ending = detect_file_ending(labels)
+    pairs, _ = pair_cases(sorted(labels.glob(f"*{ending}")), predictions, ending, allow_missing=False)
     m = np.zeros((num_classes, num_classes), dtype=np.int64)
-    files = sorted(labels.glob("*.nii.gz"))
-    if not files:
-        raise SystemExit(f"{labels}: no .nii.gz ground-truth files")
-    for f in files:
-        p = predictions / f.name
-        if not p.is_file():
-            raise SystemExit(f"{p}: missing prediction for ground-truth case {f.name}")
-        g = sitk.GetArrayFromImage(sitk.ReadImage(str(f))).astype(np.int64).ravel()
-        q = sitk.GetArrayFromImage(sitk.ReadImage(str(p))).astype(np.int64).ravel()
-        if g.shape != q.shape:
-            raise SystemExit(f"{p}: {q.size} voxels, but the ground truth {f} has {g.size}")
+    for case, g_file, p_file in pairs:
+        check_pair(g_file, p_file)
+        g, q = (read_segmentation(f)[0].astype(np.int64).ravel() for f in (g_file, p_file))
         if g.max(initial=0) >= num_classes or q.max(initial=0) >= num_classes:
-            raise SystemExit(f"{f.name}: a label >= {num_classes}; pass --num-classes")
+            raise SystemExit(f"{case}: a label >= {num_classes}; pass --num-classes")
         m += np.bincount(num_classes * g + q, minlength=num_classes**2).reshape(num_classes, num_classes)
     return m
 
@@ -60,7 +55,7 @@ def shares(m: np.ndarray) -> dict[str, dict[str, float]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--labels", type=Path, required=True, help="folder of ground-truth .nii.gz files")
+    p.add_argument("--labels", type=Path, required=True, help="folder of ground-truth segmentations")
     p.add_argument("--predictions", type=Path, nargs="+", required=True, help="prediction folders (same file names)")
     p.add_argument("--num-classes", type=int, default=None, help="classes including background (default: "
                    "from dataset.json beside the labels folder)")

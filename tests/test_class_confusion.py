@@ -39,5 +39,5 @@ def test_shares_of_each_class_against_a_hand_count(tmp_path: Path) -> None:
 def test_missing_prediction_names_the_file(tmp_path: Path) -> None:
     _write(tmp_path / "gt", "a.nii.gz", np.zeros((1, 2, 2)))
     (tmp_path / "pred").mkdir()
-    with pytest.raises(SystemExit, match="missing prediction for ground-truth case a.nii.gz"):
+    with pytest.raises(FileNotFoundError, match="No prediction in .* for 1 GT case\\(s\\): a.nii.gz"):
         cc.confusion(tmp_path / "gt", tmp_path / "pred", 3)

@@ -289,7 +289,7 @@ def summarize(rows: list[dict[str, Any]], labels: Sequence[LabelOrRegion], class
     return {"per_class": per_class, "foreground_mean": fg}
 
 
-def _pair_cases(gt_files: list[Path], pred_dir: Path, ending: str,
+def pair_cases(gt_files: list[Path], pred_dir: Path, ending: str,
                 allow_missing: bool) -> tuple[list[tuple[str, Path, Path]], list[str]]:
     """(case, GT file, prediction file) for every GT file with a prediction of the same name, and the names of
     those without one (an error unless ``allow_missing``)."""
@@ -351,7 +351,7 @@ def evaluate_folders(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike, out
     if not gt_files:
         raise FileNotFoundError(f"No '{ending}' files in GT folder {gt_dir}")
 
-    pairs, missing = _pair_cases(gt_files, pred_dir, ending, allow_missing)
+    pairs, missing = pair_cases(gt_files, pred_dir, ending, allow_missing)
     for _, g, p in pairs:  # header-only, so a bad pair fails before any pixels are loaded
         check_pair(g, p)
 
