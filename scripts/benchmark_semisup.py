@@ -26,7 +26,7 @@ seeds. With ``--val-images/--val-labels`` (cases that are neither test nor train
 and ``sup`` (the positive control) are also scored there, with the pseudo-label diagnostics: per class and
 threshold, the share of pixels predicted as that class that are confident, the precision of those confident
 pixels, and the share of the structure's pixels confidently called background. Each run folder gets ``run.json``
-with the commit it was trained at; results are written to ``--work`` (``results.{md,json,png}``).
+with the commit it was trained at; results are written to ``--work`` (``results_B<B>_S<S>.{md,json,png}``).
 """
 
 from __future__ import annotations

@@ -233,6 +233,7 @@ def test_sss_trainer_without_unlabeled_images_fails_with_advice(planned, tmp_pat
         moved.rename(unl)
 
 
+@pytest.mark.data
 def test_hippocampus_3d_fullres_on_a_label_budget(hippocampus_dir, nnunet_dirs, tmp_path):
     """A short 3d_fullres run on real MSD Hippocampus volumes, 4 labeled of 12 (CutMix boxes in 3D)."""
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json

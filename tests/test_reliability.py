@@ -124,6 +124,20 @@ def test_work_folders_of_dead_processes_are_removed(planned):
     alive.rmdir()
 
 
+def test_raw_dataset_staging_of_dead_processes_is_removed(nnunet_dirs):
+    from nnunetv2_sss.datasets.synthetic import make_synthetic_dataset
+
+    root = nnunet_dirs["nnUNet_raw"]
+    name = "Dataset984_Leftovers"
+    stale = [root / f".{name}.tmp-{_dead_pid()}", root / f".{name}.old-{_dead_pid()}"]
+    alive = root / f".{name}.tmp-{os.getppid()}"  # a live writer's staging folder must be left alone
+    for d in (*stale, alive):
+        (d / "imagesTr").mkdir(parents=True)
+    out = make_synthetic_dataset(984, "Leftovers", n_labeled=2, n_unlabeled=1, n_test=0, shape=(2, 16, 16))
+    assert out == root / name and (out / "dataset.json").is_file()
+    assert not any(d.exists() for d in stale) and alive.is_dir()
+
+
 _PREPROCESS = ("import sys; from nnunetv2_sss.unlabeled.preprocess import preprocess_unlabeled; "
                "preprocess_unlabeled(int(sys.argv[1]), '2d', num_processes=1, force=sys.argv[2] == 'force'); "
                "print('done')")

@@ -26,6 +26,7 @@ from nnunetv2.utilities.utils import (
     get_identifiers_from_splitted_dataset_folder,
 )
 
+from nnunetv2_sss.files import remove_stale
 from nnunetv2_sss.unlabeled.layout import unlabeled_raw_folder
 
 LABEL_BUDGET_FILE = "label_budget.json"
@@ -82,6 +83,9 @@ def staged_raw_dataset(dataset_id: int, name: str, overwrite: bool) -> Iterator[
                     raise DatasetToolError(
                         f"{p} uses dataset id {dataset_id} under another name than {target_name}; nnU-Net could no "
                         f"longer tell the two apart. Delete or rename {p}, or choose another id.")
+    # leftovers of writers killed mid-way (hidden, so nnU-Net's id lookup never sees them) whose process is gone
+    for name in {target_name, *(p.name for p in existing)}:
+        remove_stale(root / f".{name}")
     tmp = root / f".{target_name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)

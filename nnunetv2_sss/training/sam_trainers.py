@@ -41,9 +41,10 @@ class SAMRefreshMixin:
     Schedule as fractions of ``num_epochs`` (``SAMSchedule``), so it fits any training length: warm-up
     ``sam_warmup_fraction``, then a refresh every ``sam_refresh_every_fraction``, never after the last epoch. The SAM
     loss weight is 0 until this run has refreshed once and before the warm-up ends, then ramps linearly to
-    ``lambda_sam`` over ``sam_rampup_fraction``. For 1000 epochs the defaults give a warm-up of 100 epochs, a refresh
-    every 50 and a ramp over 100 (this project's choices, not the papers'). A run whose schedule holds no refresh is
-    refused at start: it would be ``nnUNetTrainerSSS_noSAM`` under another name.
+    ``lambda_sam`` over ``sam_rampup_fraction``. For 1000 epochs the defaults give a warm-up of 100 epochs
+    (warm-started; 300 from scratch, counted after the supervised warm-up), a refresh every 50 and a ramp over 100
+    (this project's choices, not the papers'). A run whose schedule holds no refresh is refused at start: it would
+    be ``nnUNetTrainerSSS_noSAM`` under another name.
     """
 
     use_sam = True
