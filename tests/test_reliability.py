@@ -129,13 +129,20 @@ def test_raw_dataset_staging_of_dead_processes_is_removed(nnunet_dirs):
 
     root = nnunet_dirs["nnUNet_raw"]
     name = "Dataset984_Leftovers"
+    args = dict(n_labeled=2, n_unlabeled=1, n_test=0, shape=(2, 16, 16), overwrite=True)
+    # a writer killed between moving the old dataset aside and renaming the new one in: the old copy is kept
+    only_copy = root / f".{name}.old-{_dead_pid()}"
+    (only_copy / "imagesTr").mkdir(parents=True)
+    out = make_synthetic_dataset(984, "Leftovers", **args)
+    assert out == root / name and (out / "dataset.json").is_file() and only_copy.is_dir()
+    # beside an existing dataset, dead writers' staging and old copies go; a live writer's staging stays
     stale = [root / f".{name}.tmp-{_dead_pid()}", root / f".{name}.old-{_dead_pid()}"]
-    alive = root / f".{name}.tmp-{os.getppid()}"  # a live writer's staging folder must be left alone
+    alive = root / f".{name}.tmp-{os.getppid()}"
     for d in (*stale, alive):
         (d / "imagesTr").mkdir(parents=True)
-    out = make_synthetic_dataset(984, "Leftovers", n_labeled=2, n_unlabeled=1, n_test=0, shape=(2, 16, 16))
-    assert out == root / name and (out / "dataset.json").is_file()
-    assert not any(d.exists() for d in stale) and alive.is_dir()
+    make_synthetic_dataset(984, "Leftovers", **args)
+    assert (out / "dataset.json").is_file() and alive.is_dir()
+    assert not any(d.exists() for d in (*stale, only_copy))
 
 
 _PREPROCESS = ("import sys; from nnunetv2_sss.unlabeled.preprocess import preprocess_unlabeled; "

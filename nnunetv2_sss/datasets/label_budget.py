@@ -83,9 +83,11 @@ def staged_raw_dataset(dataset_id: int, name: str, overwrite: bool) -> Iterator[
                     raise DatasetToolError(
                         f"{p} uses dataset id {dataset_id} under another name than {target_name}; nnU-Net could no "
                         f"longer tell the two apart. Delete or rename {p}, or choose another id.")
-    # leftovers of writers killed mid-way (hidden, so nnU-Net's id lookup never sees them) whose process is gone
-    for name in {target_name, *(p.name for p in existing)}:
-        remove_stale(root / f".{name}")
+    # leftovers of writers killed mid-way (hidden, so nnU-Net's id lookup never sees them) whose process is gone;
+    # only beside a dataset that exists: a writer killed between its two renames left the old dataset as the only
+    # copy, in '.<name>.old-<pid>', which must not be deleted
+    for kept in existing:
+        remove_stale(root / f".{kept.name}")
     tmp = root / f".{target_name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
