@@ -290,7 +290,7 @@ def summarize(rows: list[dict[str, Any]], labels: Sequence[LabelOrRegion], class
 
 
 def pair_cases(gt_files: list[Path], pred_dir: Path, ending: str,
-                allow_missing: bool) -> tuple[list[tuple[str, Path, Path]], list[str]]:
+               allow_missing: bool) -> tuple[list[tuple[str, Path, Path]], list[str]]:
     """(case, GT file, prediction file) for every GT file with a prediction of the same name, and the names of
     those without one (an error unless ``allow_missing``)."""
     pairs: list[tuple[str, Path, Path]] = []
