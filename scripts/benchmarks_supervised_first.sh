@@ -58,26 +58,29 @@ $PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hi
   --arms sup sss_ws sup_long selftrain unimatch_ws full tune_sss_ws_uw2 --tune-lrs --tune-unsup-weights 2
 # ACDC round 2 (the first ACDC runs, 2d_small at B = 3000 / S = 600, were on the Intel machine, since lost): the
 # CPU-sized 2d_cpu configuration (half 2d_small's cost per iteration) and Hippocampus' chosen lengths, B = 4000,
-# S = 3000. First the issue's required arms on 2 seeds, then UniMatch (DFE against it on a multi-class dataset) and
-# the sup_long control on those seeds, then the third seed of everything, then the plateau check
+# S = 3000. First the issue's required arms and the sup_long control on 2 seeds; then the plateau checks (sup_2B) of
+# both datasets, the one-run trainer on Hippocampus, UniMatch's second ACDC seed, and the third ACDC seed of
+# everything
 acdc() {
   $PY scripts/benchmark_acdc.py --acdc "$DATA/ACDC" --work "$WORK/acdc_cpu" --configuration 2d_cpu \
     --sup-iterations 4000 --semi-iterations 3000 "$@"
 }
+hippo() {
+  $PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hippocampus" \
+    --sup-iterations 4000 --semi-iterations 3000 "$@"
+}
 acdc --seeds 0 1 --jobs 2 --arms sup sss_ws selftrain full
-acdc --seeds 0 1 --jobs 2 --arms sup unimatch_ws sup_long
-# Hippocampus round 4, the EMA teacher on validation (seed 0): the candidate for the rest of the gap
-$PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hippocampus" \
-  --sup-iterations 4000 --semi-iterations 3000 --seeds 0 --jobs 1 --arms sup tune_sss_ws_ema
-acdc --seeds 0 1 2 --jobs 2 --arms sup sss_ws selftrain full unimatch_ws sup_long
-# Hippocampus round 4, the rest: the plateau check at 2B and the one-run trainer
-$PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hippocampus" \
-  --sup-iterations 4000 --semi-iterations 3000 --seeds 0 1 2 --jobs 2 --arms sup sup_2B onerun
-acdc --seeds 0 1 2 --jobs 2 --arms sup sup_2B
+acdc --seeds 0 1 --jobs 2 --arms sup sup_long
+# Hippocampus round 4, the EMA teacher on validation (seed 0; done, not adopted)
+hippo --seeds 0 --jobs 1 --arms sup tune_sss_ws_ema
+hippo --seeds 0 1 2 --jobs 2 --arms sup sup_2B
+acdc --seeds 0 1 --jobs 2 --arms sup sup_2B
+hippo --seeds 0 1 2 --jobs 2 --arms sup onerun
+acdc --seeds 0 1 --jobs 2 --arms sup unimatch_ws
+acdc --seeds 0 1 2 --jobs 2 --arms sup sss_ws selftrain full sup_long unimatch_ws sup_2B
 # the reports (what has finished; arms without runs are left out of the tables)
 acdc --seeds 0 1 2 --report-only --arms sup sss_ws selftrain full unimatch_ws sup_long sup_2B
-$PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hippocampus" \
-  --sup-iterations 4000 --semi-iterations 3000 --seeds 0 1 2 --report-only \
+hippo --seeds 0 1 2 --report-only \
   --arms sup sss_ws sup_long selftrain unimatch_ws full sup_2B onerun tune_sss_ws_uw2 tune_sss_ws_ema --tune-lrs \
   --tune-unsup-weights 2
 echo "== $(date) done"
