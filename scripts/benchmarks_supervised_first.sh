@@ -73,14 +73,26 @@ acdc --seeds 0 1 --jobs 2 --arms sup sss_ws selftrain full
 acdc --seeds 0 1 --jobs 2 --arms sup sup_long
 # Hippocampus round 4, the EMA teacher on validation (seed 0; done, not adopted)
 hippo --seeds 0 --jobs 1 --arms sup tune_sss_ws_ema
+# the plateau checks: sup at 2B = 8000 from scratch. Not plateaued on either dataset (README), so round 5 below takes
+# B = 8000, and these runs are its supervised models (identical runs are reused, not trained again)
 hippo --seeds 0 1 2 --jobs 2 --arms sup sup_2B
 acdc --seeds 0 1 --jobs 2 --arms sup sup_2B
-hippo --seeds 0 1 2 --jobs 2 --arms sup onerun
-acdc --seeds 0 1 --jobs 2 --arms sup unimatch_ws
-acdc --seeds 0 1 2 --jobs 2 --arms sup sss_ws selftrain full sup_long unimatch_ws sup_2B
-# the reports (what has finished; arms without runs are left out of the tables)
+# round 4's reports (what has finished; arms without runs are left out of the tables)
 acdc --seeds 0 1 2 --report-only --arms sup sss_ws selftrain full unimatch_ws sup_long sup_2B
 hippo --seeds 0 1 2 --report-only \
   --arms sup sss_ws sup_long selftrain unimatch_ws full sup_2B onerun tune_sss_ws_uw2 tune_sss_ws_ema --tune-lrs \
   --tune-unsup-weights 2
+# Round 5: B = 8000 (the supervised models of round 4's plateau check), S = 3000; full and sup_2B at 16000.
+# Hippocampus' verdict arms on 3 seeds, then ACDC's on 2, then the plateau check at 16000, UniMatch and the one-run
+# trainer; round 4's leftovers (ACDC's third seed and UniMatch's second, Hippocampus' one-run trainer at B = 4000)
+# are superseded by it
+hippo5() { hippo "$@" --sup-iterations 8000 --semi-iterations 3000; }
+acdc5() { acdc "$@" --sup-iterations 8000 --semi-iterations 3000; }
+hippo5 --seeds 0 1 2 --jobs 2 --arms sup sss_ws sup_long selftrain full
+acdc5 --seeds 0 1 --jobs 2 --arms sup sss_ws sup_long selftrain full
+hippo5 --seeds 0 1 2 --jobs 2 --arms sup sup_2B unimatch_ws onerun
+acdc5 --seeds 0 1 --jobs 2 --arms sup sup_2B unimatch_ws
+acdc5 --seeds 0 1 2 --jobs 2 --arms sup sss_ws sup_long selftrain full sup_2B unimatch_ws
+hippo5 --seeds 0 1 2 --report-only --arms sup sss_ws sup_long selftrain full sup_2B unimatch_ws onerun
+acdc5 --seeds 0 1 2 --report-only --arms sup sss_ws sup_long selftrain full sup_2B unimatch_ws
 echo "== $(date) done"
