@@ -61,13 +61,14 @@ $PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hi
 # S = 3000. First the issue's required arms and the sup_long control on 2 seeds; then the plateau checks (sup_2B) of
 # both datasets, the one-run trainer on Hippocampus, UniMatch's second ACDC seed, and the third ACDC seed of
 # everything
+# SUP_ITERATIONS = B (round 4 and ACDC round 2: 4000; round 5 sets 8000 for its calls)
 acdc() {
   $PY scripts/benchmark_acdc.py --acdc "$DATA/ACDC" --work "$WORK/acdc_cpu" --configuration 2d_cpu \
-    --sup-iterations 4000 --semi-iterations 3000 "$@"
+    --sup-iterations "${SUP_ITERATIONS:-4000}" --semi-iterations 3000 "$@"
 }
 hippo() {
   $PY scripts/benchmark_hippocampus.py --data "$DATA/Hippocampus" --work "$WORK/hippocampus" \
-    --sup-iterations 4000 --semi-iterations 3000 "$@"
+    --sup-iterations "${SUP_ITERATIONS:-4000}" --semi-iterations 3000 "$@"
 }
 acdc --seeds 0 1 --jobs 2 --arms sup sss_ws selftrain full
 acdc --seeds 0 1 --jobs 2 --arms sup sup_long
@@ -86,13 +87,11 @@ hippo --seeds 0 1 2 --report-only \
 # Hippocampus' verdict arms on 3 seeds, then ACDC's on 2, then the plateau check at 16000, UniMatch and the one-run
 # trainer; round 4's leftovers (ACDC's third seed and UniMatch's second, Hippocampus' one-run trainer at B = 4000)
 # are superseded by it
-hippo5() { hippo "$@" --sup-iterations 8000 --semi-iterations 3000; }
-acdc5() { acdc "$@" --sup-iterations 8000 --semi-iterations 3000; }
-hippo5 --seeds 0 1 2 --jobs 2 --arms sup sss_ws sup_long selftrain full
-acdc5 --seeds 0 1 --jobs 2 --arms sup sss_ws sup_long selftrain full
-hippo5 --seeds 0 1 2 --jobs 2 --arms sup sup_2B unimatch_ws onerun
-acdc5 --seeds 0 1 --jobs 2 --arms sup sup_2B unimatch_ws
-acdc5 --seeds 0 1 2 --jobs 2 --arms sup sss_ws sup_long selftrain full sup_2B unimatch_ws
-hippo5 --seeds 0 1 2 --report-only --arms sup sss_ws sup_long selftrain full sup_2B unimatch_ws onerun
-acdc5 --seeds 0 1 2 --report-only --arms sup sss_ws sup_long selftrain full sup_2B unimatch_ws
+SUP_ITERATIONS=8000 hippo --seeds 0 1 2 --jobs 2 --arms sup sss_ws sup_long selftrain full
+SUP_ITERATIONS=8000 acdc --seeds 0 1 --jobs 2 --arms sup sss_ws sup_long selftrain full
+SUP_ITERATIONS=8000 hippo --seeds 0 1 2 --jobs 2 --arms sup sup_2B unimatch_ws onerun
+SUP_ITERATIONS=8000 acdc --seeds 0 1 --jobs 2 --arms sup sup_2B unimatch_ws
+SUP_ITERATIONS=8000 acdc --seeds 0 1 2 --jobs 2 --arms sup sss_ws sup_long selftrain full sup_2B unimatch_ws
+SUP_ITERATIONS=8000 hippo --seeds 0 1 2 --report-only --arms sup sss_ws sup_long selftrain full sup_2B unimatch_ws onerun
+SUP_ITERATIONS=8000 acdc --seeds 0 1 2 --report-only --arms sup sss_ws sup_long selftrain full sup_2B unimatch_ws
 echo "== $(date) done"
