@@ -17,8 +17,9 @@ that training never sees, one resumable command trains, per seed, on fold ``all`
                  then S semi-supervised ones (``nnUNet_sss_unsup_warmup_fraction`` = B / (B + S));
 * ``tune_*``     (first seed, validation cases only) the semi stage at another learning rate
                  (``tune_sss_ws_lr*``), with a background threshold of its own (``tune_sss_ws_bg*``), with its
-                 unsupervised weights scaled (``tune_sss_ws_uw*``), or with pseudo-labels from an EMA teacher
-                 (``tune_sss_ws_ema``).
+                 unsupervised weights scaled (``tune_sss_ws_uw*``), with pseudo-labels from an EMA teacher
+                 (``tune_sss_ws_ema``), or as another trainer warm-started likewise (``--tune-trainers NAME``:
+                 ``tune_tr_<NAME without nnUNetTrainer>``, e.g. an ablation of ``scripts/bench_trainers``).
 
 Every arm's time counts the supervised stage it starts from (total training time). Test cases are predicted by
 nnU-Net's ``nnUNetPredictor`` with the **final** checkpoint, no TTA; Dice and HD95 per class; mean +- std over
@@ -74,6 +75,7 @@ class Protocol:
     tune_lrs: tuple[float, ...] = (0.001,)
     tune_background_thresholds: tuple[float, ...] = ()
     tune_unsup_weights: tuple[float, ...] = ()
+    tune_trainers: tuple[str, ...] = ()
     arms_wanted: tuple[str, ...] | None = None
     locks: defaultdict = field(default_factory=lambda: defaultdict(threading.Lock))
 
@@ -94,6 +96,8 @@ class Protocol:
                 out += [Arm(f"tune_sss_ws_{tag}{v:g}", "nnUNetTrainerSSS_noSAM", s, self.dataset, "sup",
                             ((env, str(v)),), test=False) for v in values]
             out.append(Arm("tune_sss_ws_ema", "nnUNetTrainerSSS_noSAM_EMA", s, self.dataset, "sup", test=False))
+            out += [Arm(f"tune_tr_{t.removeprefix('nnUNetTrainer')}", t, s, self.dataset, "sup", test=False)
+                    for t in self.tune_trainers]
         if self.full_dataset is not None:
             out.append(Arm("full", "nnUNetTrainer_budget", 2 * b, self.full_dataset))
         out += [Arm("sup_2B", "nnUNetTrainer_budget", 2 * b, self.dataset),
@@ -105,7 +109,10 @@ class Protocol:
 
 
 def arm_family(label: str) -> str:
-    """The arm without its tuned value: ``tune_sss_ws_lr0.001`` and ``tune_sss_ws_bg0.99`` -> ``tune_sss_ws``."""
+    """The arm without its tuned value: ``tune_sss_ws_lr0.001`` and ``tune_sss_ws_bg0.99`` -> ``tune_sss_ws``,
+    ``tune_tr_SSS_noSAM_mirrorPL`` -> ``tune_tr``."""
+    if label.startswith("tune_tr_"):
+        return "tune_tr"
     return re.sub(r"_(lr|bg|uw)[0-9.e+-]+$", "", label)
 
 
@@ -465,6 +472,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tune-unsup-weights", type=float, nargs="*", default=[],
                    help="factors of every unsupervised weight (nnUNet_sss_unsup_weight) tried on the validation cases, "
                         "first seed (default: none; the trainers' default is 1.0, 2.0 is UniMatch's ratio)")
+    p.add_argument("--tune-trainers", nargs="*", default=[],
+                   help="other semi-supervised trainers warm-started from sup on the validation cases, first seed "
+                        "(arm tune_tr_<name without nnUNetTrainer>; select them with --arms tune_tr)")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--earlier-results", type=Path, nargs="*", default=[],
                    help="results JSON of earlier runs of this protocol (e.g. from a lost machine, committed under "
@@ -476,7 +486,7 @@ def protocol_options(a: argparse.Namespace) -> dict:
     """The ``Protocol`` keywords that ``add_arguments``' options set."""
     return dict(arms_wanted=tuple(a.arms) if a.arms else None, tune_lrs=tuple(a.tune_lrs),
                 tune_background_thresholds=tuple(a.tune_background_thresholds),
-                tune_unsup_weights=tuple(a.tune_unsup_weights))
+                tune_unsup_weights=tuple(a.tune_unsup_weights), tune_trainers=tuple(a.tune_trainers))
 
 
 def run_protocol(p: Protocol, a: argparse.Namespace, base: dict[str, str], title: str) -> dict:

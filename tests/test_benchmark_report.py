@@ -84,6 +84,11 @@ def test_tuning_arms_are_selected_by_family_or_by_exact_label() -> None:
     (arm,) = p.arms(0, first_seed=True)
     assert arm.env == (("nnUNet_sss_unsup_weight", "2.0"),) and arm.warm_from == "sup" and not arm.test
     assert p.arms(1, first_seed=False) == []  # tuning runs on the first seed only
+    p.tune_unsup_weights, p.tune_trainers = (), ("nnUNetTrainerSSS_noSAM_mirrorPL",)
+    p.arms_wanted = ("tune_tr",)
+    (arm,) = p.arms(0, first_seed=True)
+    assert (arm.label, arm.trainer) == ("tune_tr_SSS_noSAM_mirrorPL", "nnUNetTrainerSSS_noSAM_mirrorPL")
+    assert arm.env == () and arm.warm_from == "sup" and not arm.test
 
 
 def test_a_wanted_arm_finds_the_run_it_starts_from_even_when_that_is_not_wanted() -> None:

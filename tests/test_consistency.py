@@ -9,7 +9,12 @@ from torch import nn
 from nnunetv2_sss.augment.views import NUM_VIEWS, apply_cutmix, cutmix_masks, get_unlabeled_transforms
 from nnunetv2_sss.consistency.dfe import DFE, DFEScale, dfe_fuse, pooled_cosine
 from nnunetv2_sss.consistency.ema import EMATeacher, ema_momentum
-from nnunetv2_sss.consistency.losses import MaskedCEDiceLoss, deep_supervision_targets, pseudo_label
+from nnunetv2_sss.consistency.losses import (
+    MaskedCEDiceLoss,
+    deep_supervision_targets,
+    mirror_averaged_logits,
+    pseudo_label,
+)
 from nnunetv2_sss.training.unlabeled_stream import split_batch_across_ranks
 
 
@@ -21,6 +26,26 @@ def test_confidence_mask_marks_only_confident_pixels():
     assert labels[0, 0, 0] == 1 and labels[0, 1, 1] == 2
     assert mask[0, 0, 0] == 1 and mask[0, 1, 1] == 0 and mask[0, 0, 1] == 0
     assert conf[0, 0, 0] > 0.99 and conf[0, 0, 1] == pytest.approx(1 / 3, abs=1e-6)
+
+
+ALL_3D = [[], [2], [3], [4], [2, 3], [2, 4], [3, 4], [2, 3, 4]]
+
+
+@pytest.mark.parametrize("spatial,axes,flips", [((6, 5), (0, 1), [[], [2], [3], [2, 3]]),
+                                                ((4, 6, 5), (0, 1, 2), ALL_3D),
+                                                ((4, 6, 5), (1, 2), [[], [3], [4], [3, 4]])])
+def test_mirror_averaged_logits_is_the_mean_softmax_over_every_mirror_combination(spatial, axes, flips):
+    torch.manual_seed(0)
+    conv = (nn.Conv2d if len(spatial) == 2 else nn.Conv3d)(1, 3, 3, padding=1)  # not mirror-symmetric
+    x = torch.randn(2, 1, *spatial)
+    with torch.no_grad():
+        logits = conv(x)
+        got = torch.softmax(mirror_averaged_logits(conv, x, logits, axes), dim=1)
+        want = sum(torch.softmax(torch.flip(conv(torch.flip(x, d)), d), dim=1) for d in flips) / len(flips)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(got, torch.softmax(logits, dim=1), atol=1e-3)
+    assert mirror_averaged_logits(conv, x, logits, None) is logits
+    assert mirror_averaged_logits(conv, x, logits, ()) is logits
 
 
 @pytest.mark.parametrize("spatial", [(32, 40), (8, 16, 20)])

@@ -3,7 +3,8 @@
 1. Each unsupervised term (strong views, feature perturbation, DFE) moves the network's gradients (and, for DFE,
    DFE's own); with its weight at zero it has no effect, and with every unsupervised weight at zero the gradient
    is exactly stock nnU-Net's supervised gradient (nnU-Net's loss on the labeled batch, unscaled).
-2. ``nnUNet_sss_seed`` makes two short ``nnUNetv2_train`` runs identical (data augmentation in-process,
+2. Mirrored pseudo-labels (``pseudo_label_mirroring``) are the mean softmax over nnU-Net's inference mirror axes.
+3. ``nnUNet_sss_seed`` makes two short ``nnUNetv2_train`` runs identical (data augmentation in-process,
    ``nnUNet_n_proc_DA=0``); another seed gives another run.
 """
 
@@ -99,6 +100,26 @@ def test_each_unsupervised_term_moves_gradients_and_zero_weight_removes_it(plann
     assert _differs(on, none, "dfe."), "DFE's parameters get no gradient from the DFE term"
     # the other terms never reach DFE
     assert not _differs(_grads(t, batch, unlabeled, {"s1": 1.0, "s2": 1.0, "fp": 1.0}), none, "dfe.")
+
+
+@pytest.mark.slow
+def test_mirrored_pseudo_labels_average_the_weak_prediction_over_nnunets_mirror_axes(planned) -> None:
+    t = _trainer()
+    batch, unlabeled = _batches(t)
+    t.configure_rotation_dummyDA_mirroring_and_inital_patch_size()  # sets nnU-Net's inference mirror axes
+    assert tuple(t.inference_allowed_mirroring_axes) == (0, 1)
+    t.dataloader_unlabeled = iter([unlabeled])
+    u = t.sample_unlabeled()
+    with torch.no_grad():
+        _, weak = t.forward_labeled_and_weak(batch["data"], u)
+        assert t.weak_logits(u, weak)[0] is weak.logits  # off by default: the weak view's own prediction
+        t.pseudo_label_mirroring = True
+        got = torch.softmax(t.weak_logits(u, weak)[0], dim=1)
+        # by hand: the mean softmax of the network over the weak view and its three mirror images
+        want = sum(torch.softmax(torch.flip(t.network(torch.flip(u.x_w, d))[0], d), dim=1)
+                   for d in ([], [2], [3], [2, 3])) / 4
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(got, torch.softmax(weak.logits, dim=1), atol=1e-3)  # the mirror images changed it
 
 
 def _short_run(planned, seed: int, name: str) -> dict[str, torch.Tensor]:

@@ -3,10 +3,14 @@
 A pixel's pseudo-label is the weak view's arg-max; it only counts when the weak view's softmax confidence reaches
 the threshold (UniMatch's 0.95 by default); a pixel whose arg-max is background may be held to a stricter
 threshold of its own (``background_threshold``). Pixels marked invalid (outside the image after augmentation, or
-where a SAM-2 map has no label) never count.
+where a SAM-2 map has no label) never count. Optionally the weak prediction is averaged over mirror images first
+(``mirror_averaged_logits``, nnU-Net's test-time mirroring).
 """
 
 from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +33,25 @@ def pseudo_label(logits: torch.Tensor, threshold: float, background_threshold: f
         return labels, conf, (conf >= threshold).float()
     per_pixel = torch.where(labels == 0, background_threshold, threshold)
     return labels, conf, (conf >= per_pixel).float()
+
+
+@torch.no_grad()
+def mirror_averaged_logits(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, logits: torch.Tensor,
+                           axes: Sequence[int] | None) -> torch.Tensor:
+    """Logits whose softmax is the mean softmax over ``x`` and its mirror images along every combination of the
+    spatial ``axes`` (nnU-Net's test-time mirroring, applied to the weak view); ``logits`` is ``forward(x)``.
+
+    Why: a pseudo-label is only as good as the weak prediction, and nnU-Net itself predicts with mirroring because
+    the averaged prediction is the more accurate one; averaging costs one no-grad forward per mirror combination.
+    Returns ``logits`` unchanged when ``axes`` is empty or None."""
+    if not axes:
+        return logits
+    probs = torch.softmax(logits.float(), dim=1)
+    combos = [c for r in range(1, len(axes) + 1) for c in itertools.combinations(axes, r)]
+    for combo in combos:
+        dims = [a + 2 for a in combo]
+        probs += torch.softmax(torch.flip(forward(torch.flip(x, dims)), dims).float(), dim=1)
+    return torch.log((probs / (len(combos) + 1)).clamp(min=1e-12))
 
 
 class ClassAdaptiveThreshold:

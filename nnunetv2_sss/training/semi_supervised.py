@@ -67,6 +67,9 @@ class nnUNetTrainerUniMatch(WeakToStrongHooks, SemiSupervisedLogging, CompleteCh
     mix_partners: str = "batch"
     confidence_threshold: float = 0.95
     class_adaptive_threshold: bool = False  # per-class thresholds scaled by each class's confidence (see losses.py)
+    # pseudo-labels from the weak prediction averaged over nnU-Net's inference mirror axes (every combination, as
+    # its test-time mirroring): one more no-grad forward of the unlabeled batch per combination (3 in 2D, 7 in 3D)
+    pseudo_label_mirroring: bool = False
     # threshold of the pixels pseudo-labelled background (None: confidence_threshold); env
     # nnUNet_sss_background_threshold. A stricter one drops more of the structure pixels confidently called
     # background, the pseudo-label error that remains after the warm start (README, benchmarks)
@@ -150,7 +153,8 @@ class nnUNetTrainerUniMatch(WeakToStrongHooks, SemiSupervisedLogging, CompleteCh
             if self.is_ddp else global_bs
         tau_bg = "the same" if self.background_threshold is None else self.background_threshold
         self.print_to_log_file(
-            f"pseudo-labels: confidence threshold {self.confidence_threshold}, background {tau_bg}; unsupervised "
+            f"pseudo-labels: confidence threshold {self.confidence_threshold}, background {tau_bg}"
+            f"{', from mirror-averaged weak predictions' if self.pseudo_label_mirroring else ''}; unsupervised "
             f"weights s1 {self.lambda_s1}, s2 {self.lambda_s2}, fp {self.lambda_fp}, "
             f"dfe {self.lambda_dfe if self.use_dfe else 0} x {self.unsup_weight}; unlabeled batch "
             f"{self.unlabeled_batch_size}")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from nnunetv2_sss.augment.views import apply_cutmix
-from nnunetv2_sss.consistency.losses import deep_supervision_targets, pseudo_label, resize_like
+from nnunetv2_sss.consistency.losses import deep_supervision_targets, mirror_averaged_logits, pseudo_label, resize_like
 from nnunetv2_sss.training.unlabeled_stream import UnlabeledBatch
 
 
@@ -63,7 +63,7 @@ class StrongPass:
 
 class WeakToStrongHooks:
     """UniMatch's step pieces for a trainer with ``encoder_fn``/``decoder_fn``, ``unsupervised_loss``, thresholds,
-    ``ema_teacher``, ``dfe`` and ``adaptive_threshold`` (``nnUNetTrainerUniMatch``)."""
+    ``ema_teacher``, ``dfe``, ``adaptive_threshold`` and ``pseudo_label_mirroring`` (``nnUNetTrainerUniMatch``)."""
 
     def forward_labeled_and_weak(self, data: torch.Tensor, u: UnlabeledBatch) -> tuple[list[torch.Tensor], WeakPass]:
         """One encoder pass over labeled + weak (as UniMatch): the labeled outputs, and the weak pass."""
@@ -81,14 +81,27 @@ class WeakToStrongHooks:
                                                                       list[torch.Tensor] | None]:
         """Logits that make the pseudo-labels of the batch and of its mix partners (student or EMA teacher), and
         the student's weak features of a separate mix draw when this computed them."""
+        axes = self.pseudo_label_mirror_axes()
         if self.ema_teacher is not None:
+            def teacher(x: torch.Tensor) -> torch.Tensor:
+                return as_list(self.ema_teacher.model(x))[0]
             x = u.x_w if u.mix_is_batch else torch.cat((u.x_w, u.mix_w))
-            t = as_list(self.ema_teacher.model(x))[0]
+            t = mirror_averaged_logits(teacher, x, teacher(x), axes)
             return t[:u.x_w.shape[0]], (t if u.mix_is_batch else t[u.x_w.shape[0]:]), None
+
+        def student(x: torch.Tensor) -> torch.Tensor:
+            return as_list(self.decoder_fn(self.encoder_fn(x)))[0]
+        logits = mirror_averaged_logits(student, u.x_w, weak.logits, axes)
         if u.mix_is_batch:
-            return weak.logits, weak.logits, None
+            return logits, logits, None
         mix_skips = self.encoder_fn(u.mix_w)
-        return weak.logits, as_list(self.decoder_fn(mix_skips))[0], mix_skips
+        mix_logits = mirror_averaged_logits(student, u.mix_w, as_list(self.decoder_fn(mix_skips))[0], axes)
+        return logits, mix_logits, mix_skips
+
+    def pseudo_label_mirror_axes(self) -> tuple[int, ...] | None:
+        """Spatial axes the weak prediction is mirrored along before it makes pseudo-labels: nnU-Net's inference
+        mirror axes when ``pseudo_label_mirroring`` is on, else None."""
+        return self.inference_allowed_mirroring_axes if self.pseudo_label_mirroring else None
 
     def make_pseudo_labels(self, u: UnlabeledBatch, weak: WeakPass) -> PseudoLabels:
         """Confident arg-max pseudo-labels of the weak view, and their CutMix'ed copies for both strong views."""

@@ -53,3 +53,9 @@ class nnUNetTrainerSSS_noSAM_adaptive(nnUNetTrainerSSS_noSAM):
 
 class nnUNetTrainerUniMatch_adaptive(nnUNetTrainerUniMatch):
     class_adaptive_threshold = True
+
+
+class nnUNetTrainerSSS_noSAM_mirrorPL(nnUNetTrainerSSS_noSAM):
+    """SSS_noSAM with pseudo-labels from the weak prediction averaged over nnU-Net's mirror axes."""
+
+    pseudo_label_mirroring = True
