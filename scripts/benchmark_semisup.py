@@ -19,7 +19,9 @@ that training never sees, one resumable command trains, per seed, on fold ``all`
                  (``tune_sss_ws_lr*``), with a background threshold of its own (``tune_sss_ws_bg*``), with its
                  unsupervised weights scaled (``tune_sss_ws_uw*``), with pseudo-labels from an EMA teacher
                  (``tune_sss_ws_ema``), or as another trainer warm-started likewise (``--tune-trainers NAME``:
-                 ``tune_tr_<NAME without nnUNetTrainer>``, e.g. an ablation of ``scripts/bench_trainers``).
+                 ``tune_tr_<NAME without nnUNetTrainer>``, e.g. an ablation of ``scripts/bench_trainers``);
+* ``ws_*``       another semi-supervised trainer warm-started from ``sup`` on every seed, with the test cases
+                 (``--compare-trainers NAME``: ``ws_<NAME without nnUNetTrainer>``): a tuning arm that earned seeds.
 
 Every arm's time counts the supervised stage it starts from (total training time). Test cases are predicted by
 nnU-Net's ``nnUNetPredictor`` with the **final** checkpoint, no TTA; Dice and HD95 per class; mean +- std over
@@ -76,6 +78,7 @@ class Protocol:
     tune_background_thresholds: tuple[float, ...] = ()
     tune_unsup_weights: tuple[float, ...] = ()
     tune_trainers: tuple[str, ...] = ()
+    compare_trainers: tuple[str, ...] = ()
     arms_wanted: tuple[str, ...] | None = None
     locks: defaultdict = field(default_factory=lambda: defaultdict(threading.Lock))
 
@@ -100,6 +103,7 @@ class Protocol:
                     for t in self.tune_trainers]
         if self.full_dataset is not None:
             out.append(Arm("full", "nnUNetTrainer_budget", 2 * b, self.full_dataset))
+        out += [Arm(f"ws_{t.removeprefix('nnUNetTrainer')}", t, s, self.dataset, "sup") for t in self.compare_trainers]
         out += [Arm("sup_2B", "nnUNetTrainer_budget", 2 * b, self.dataset),
                 Arm("unimatch_ws", "nnUNetTrainerUniMatch", s, self.dataset, "sup")]
         out.append(Arm("onerun", "nnUNetTrainerSSS_noSAM", b + s, self.dataset, None,
@@ -110,9 +114,10 @@ class Protocol:
 
 def arm_family(label: str) -> str:
     """The arm without its tuned value: ``tune_sss_ws_lr0.001`` and ``tune_sss_ws_bg0.99`` -> ``tune_sss_ws``,
-    ``tune_tr_SSS_noSAM_mirrorPL`` -> ``tune_tr``."""
-    if label.startswith("tune_tr_"):
-        return "tune_tr"
+    ``tune_tr_SSS_noSAM_mirrorPL`` -> ``tune_tr``, ``ws_SSS_noSAM_mirrorPL`` -> ``ws``."""
+    for family in ("tune_tr", "ws"):
+        if label.startswith(family + "_"):
+            return family
     return re.sub(r"_(lr|bg|uw)[0-9.e+-]+$", "", label)
 
 
@@ -475,6 +480,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tune-trainers", nargs="*", default=[],
                    help="other semi-supervised trainers warm-started from sup on the validation cases, first seed "
                         "(arm tune_tr_<name without nnUNetTrainer>; select them with --arms tune_tr)")
+    p.add_argument("--compare-trainers", nargs="*", default=[],
+                   help="other semi-supervised trainers warm-started from sup on every seed, test cases included "
+                        "(arm ws_<name without nnUNetTrainer>; select them with --arms ws)")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--earlier-results", type=Path, nargs="*", default=[],
                    help="results JSON of earlier runs of this protocol (e.g. from a lost machine, committed under "
@@ -486,7 +494,8 @@ def protocol_options(a: argparse.Namespace) -> dict:
     """The ``Protocol`` keywords that ``add_arguments``' options set."""
     return dict(arms_wanted=tuple(a.arms) if a.arms else None, tune_lrs=tuple(a.tune_lrs),
                 tune_background_thresholds=tuple(a.tune_background_thresholds),
-                tune_unsup_weights=tuple(a.tune_unsup_weights), tune_trainers=tuple(a.tune_trainers))
+                tune_unsup_weights=tuple(a.tune_unsup_weights), tune_trainers=tuple(a.tune_trainers),
+                compare_trainers=tuple(a.compare_trainers))
 
 
 def run_protocol(p: Protocol, a: argparse.Namespace, base: dict[str, str], title: str) -> dict:

@@ -89,6 +89,11 @@ def test_tuning_arms_are_selected_by_family_or_by_exact_label() -> None:
     (arm,) = p.arms(0, first_seed=True)
     assert (arm.label, arm.trainer) == ("tune_tr_SSS_noSAM_mirrorPL", "nnUNetTrainerSSS_noSAM_mirrorPL")
     assert arm.env == () and arm.warm_from == "sup" and not arm.test
+    p.tune_trainers, p.compare_trainers = (), ("nnUNetTrainerSSS_noSAM_mirrorPL",)
+    p.arms_wanted = ("ws",)
+    for seed in (0, 1):  # a compared trainer runs on every seed, with the test cases
+        (arm,) = p.arms(seed, first_seed=seed == 0)
+        assert (arm.label, arm.warm_from, arm.test) == ("ws_SSS_noSAM_mirrorPL", "sup", True)
 
 
 def test_a_wanted_arm_finds_the_run_it_starts_from_even_when_that_is_not_wanted() -> None:
