@@ -88,10 +88,15 @@ hippo --seeds 0 1 2 --report-only \
 # trainer; round 4's leftovers (ACDC's third seed and UniMatch's second, Hippocampus' one-run trainer at B = 4000)
 # are superseded by it
 SUP_ITERATIONS=8000 hippo --seeds 0 1 2 --jobs 2 --arms sup sss_ws sup_long selftrain full
+# pseudo-labels from mirror-averaged weak predictions (nnUNetTrainerSSS_noSAM_mirrorPL): on validation (seed 0)
+# first, then, ahead there at every snapshot, on every seed with the test cases
+SUP_ITERATIONS=8000 hippo --seeds 0 --jobs 1 --arms sup tune_tr --tune-trainers nnUNetTrainerSSS_noSAM_mirrorPL
+SUP_ITERATIONS=8000 hippo --seeds 0 1 2 --jobs 2 --arms sup ws --compare-trainers nnUNetTrainerSSS_noSAM_mirrorPL
 SUP_ITERATIONS=8000 acdc --seeds 0 1 --jobs 2 --arms sup sss_ws sup_long selftrain full
 SUP_ITERATIONS=8000 hippo --seeds 0 1 2 --jobs 2 --arms sup sup_2B unimatch_ws onerun
 SUP_ITERATIONS=8000 acdc --seeds 0 1 --jobs 2 --arms sup sup_2B unimatch_ws
 SUP_ITERATIONS=8000 acdc --seeds 0 1 2 --jobs 2 --arms sup sss_ws sup_long selftrain full sup_2B unimatch_ws
-SUP_ITERATIONS=8000 hippo --seeds 0 1 2 --report-only --arms sup sss_ws sup_long selftrain full sup_2B unimatch_ws onerun
+SUP_ITERATIONS=8000 hippo --seeds 0 1 2 --report-only --arms sup sss_ws sup_long selftrain full sup_2B unimatch_ws onerun \
+  ws --compare-trainers nnUNetTrainerSSS_noSAM_mirrorPL
 SUP_ITERATIONS=8000 acdc --seeds 0 1 2 --report-only --arms sup sss_ws sup_long selftrain full sup_2B unimatch_ws
 echo "== $(date) done"
