@@ -93,10 +93,12 @@ SUP_ITERATIONS=8000 hippo --seeds 0 1 2 --jobs 2 --arms sup sss_ws sup_long self
 SUP_ITERATIONS=8000 hippo --seeds 0 --jobs 1 --arms sup tune_tr --tune-trainers nnUNetTrainerSSS_noSAM_mirrorPL
 SUP_ITERATIONS=8000 hippo --seeds 0 1 2 --jobs 2 --arms sup ws --compare-trainers nnUNetTrainerSSS_noSAM_mirrorPL
 SUP_ITERATIONS=8000 acdc --seeds 0 1 --jobs 2 --arms sup sss_ws sup_long selftrain full
+SUP_ITERATIONS=8000 acdc --seeds 0 1 --jobs 2 --arms sup ws --compare-trainers nnUNetTrainerSSS_noSAM_mirrorPL
 SUP_ITERATIONS=8000 hippo --seeds 0 1 2 --jobs 2 --arms sup sup_2B unimatch_ws onerun
 SUP_ITERATIONS=8000 acdc --seeds 0 1 --jobs 2 --arms sup sup_2B unimatch_ws
 SUP_ITERATIONS=8000 acdc --seeds 0 1 2 --jobs 2 --arms sup sss_ws sup_long selftrain full sup_2B unimatch_ws
 SUP_ITERATIONS=8000 hippo --seeds 0 1 2 --report-only --arms sup sss_ws sup_long selftrain full sup_2B unimatch_ws onerun \
   ws --compare-trainers nnUNetTrainerSSS_noSAM_mirrorPL
-SUP_ITERATIONS=8000 acdc --seeds 0 1 2 --report-only --arms sup sss_ws sup_long selftrain full sup_2B unimatch_ws
+SUP_ITERATIONS=8000 acdc --seeds 0 1 2 --report-only --arms sup sss_ws sup_long selftrain full sup_2B unimatch_ws \
+  ws --compare-trainers nnUNetTrainerSSS_noSAM_mirrorPL
 echo "== $(date) done"
