@@ -43,7 +43,8 @@ def mirror_averaged_logits(forward: Callable[[torch.Tensor], torch.Tensor], x: t
 
     Why: a pseudo-label is only as good as the weak prediction, and nnU-Net itself predicts with mirroring because
     the averaged prediction is the more accurate one; averaging costs one no-grad forward per mirror combination.
-    Returns ``logits`` unchanged when ``axes`` is empty or None."""
+    nnU-Net's predictor averages logits; here the probabilities are averaged, so the confidence that the threshold
+    reads is the mean confidence of the views. Returns ``logits`` unchanged when ``axes`` is empty or None."""
     if not axes:
         return logits
     probs = torch.softmax(logits.float(), dim=1)
