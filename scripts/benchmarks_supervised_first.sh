@@ -1,6 +1,7 @@
 #!/bin/bash
 # The supervised-first benchmarks of the README, in priority order; resumable: rerun to continue. By default the
-# current rounds (Hippocampus round 4, ACDC round 2); RERUN_EARLIER=1 reruns the earlier ones first.
+# current round 5 of both datasets and the rounds it builds on (Hippocampus round 4, ACDC round 2: round 5's supervised
+# models are their plateau checks); RERUN_EARLIER=1 reruns the earlier ones first.
 # Usage: WORK=benchmark_output DATA=../shared/data bash scripts/benchmarks_supervised_first.sh
 # Run it from a git worktree at a fixed commit (every run's run.json records the commit).
 set -e
@@ -87,15 +88,20 @@ hippo --seeds 0 1 2 --report-only \
 # Hippocampus' verdict arms on 3 seeds, then ACDC's on 2, then the plateau check at 16000, UniMatch and the one-run
 # trainer; round 4's leftovers (ACDC's third seed and UniMatch's second, Hippocampus' one-run trainer at B = 4000)
 # are superseded by it
-SUP_ITERATIONS=8000 hippo --seeds 0 1 2 --jobs 2 --arms sup sss_ws sup_long selftrain full
+SUP_ITERATIONS=8000 hippo --seeds 0 1 2 --jobs 2 --arms sup sss_ws sup_long selftrain
 # pseudo-labels from mirror-averaged weak predictions (nnUNetTrainerSSS_noSAM_mirrorPL): on validation (seed 0)
 # first, then, ahead there at every snapshot, on every seed with the test cases
 SUP_ITERATIONS=8000 hippo --seeds 0 --jobs 1 --arms sup tune_tr --tune-trainers nnUNetTrainerSSS_noSAM_mirrorPL
 SUP_ITERATIONS=8000 hippo --seeds 0 1 2 --jobs 2 --arms sup ws --compare-trainers nnUNetTrainerSSS_noSAM_mirrorPL
-SUP_ITERATIONS=8000 acdc --seeds 0 1 --jobs 2 --arms sup sss_ws sup_long selftrain full
+SUP_ITERATIONS=8000 acdc --seeds 0 1 --jobs 2 --arms sup sss_ws selftrain
 SUP_ITERATIONS=8000 acdc --seeds 0 1 --jobs 2 --arms sup ws --compare-trainers nnUNetTrainerSSS_noSAM_mirrorPL
-SUP_ITERATIONS=8000 hippo --seeds 0 1 2 --jobs 2 --arms sup sup_2B unimatch_ws onerun
-SUP_ITERATIONS=8000 acdc --seeds 0 1 --jobs 2 --arms sup sup_2B unimatch_ws
+SUP_ITERATIONS=8000 acdc --seeds 0 1 --jobs 2 --arms sup sup_long
+# the plateau checks of B = 8000 and the all-labeled references at 16000, then UniMatch and the one-run trainer
+SUP_ITERATIONS=8000 hippo --seeds 0 1 2 --jobs 2 --arms sup sup_2B
+SUP_ITERATIONS=8000 acdc --seeds 0 1 --jobs 2 --arms sup sup_2B full
+SUP_ITERATIONS=8000 hippo --seeds 0 1 2 --jobs 2 --arms sup full unimatch_ws
+SUP_ITERATIONS=8000 acdc --seeds 0 1 --jobs 2 --arms sup unimatch_ws
+SUP_ITERATIONS=8000 hippo --seeds 0 1 2 --jobs 2 --arms sup onerun
 SUP_ITERATIONS=8000 acdc --seeds 0 1 2 --jobs 2 --arms sup sss_ws sup_long selftrain full sup_2B unimatch_ws
 SUP_ITERATIONS=8000 hippo --seeds 0 1 2 --report-only --arms sup sss_ws sup_long selftrain full sup_2B unimatch_ws onerun \
   ws --compare-trainers nnUNetTrainerSSS_noSAM_mirrorPL
