@@ -112,8 +112,9 @@ def test_mirrored_pseudo_labels_average_the_weak_prediction_over_nnunets_mirror_
     u = t.sample_unlabeled()
     with torch.no_grad():
         _, weak = t.forward_labeled_and_weak(batch["data"], u)
-        assert t.weak_logits(u, weak)[0] is weak.logits  # off by default: the weak view's own prediction
-        t.pseudo_label_mirroring = True
+        t.pseudo_label_mirroring = False
+        assert t.weak_logits(u, weak)[0] is weak.logits  # off: the weak view's own prediction
+        t.pseudo_label_mirroring = True  # the default
         got = torch.softmax(t.weak_logits(u, weak)[0], dim=1)
         # by hand: the mean softmax of the network over the weak view and its three mirror images
         want = sum(torch.softmax(torch.flip(t.network(torch.flip(u.x_w, d))[0], d), dim=1)

@@ -175,3 +175,10 @@ def test_pseudo_label_settings_come_from_env_and_out_of_range_is_refused(supervi
     monkeypatch.setenv("nnUNet_sss_background_threshold", "1.5")
     with pytest.raises(ValueError, match="background_threshold must be a softmax confidence"):
         _trainer("nnUNetTrainerSSS_noSAM", None)
+    monkeypatch.delenv("nnUNet_sss_background_threshold")
+    assert t.pseudo_label_mirroring  # mirrored pseudo-labels are the default
+    monkeypatch.setenv("nnUNet_sss_pseudo_label_mirroring", "0")
+    assert not _trainer("nnUNetTrainerSSS_noSAM", None).pseudo_label_mirroring
+    monkeypatch.setenv("nnUNet_sss_pseudo_label_mirroring", "yes")
+    with pytest.raises(ValueError, match="nnUNet_sss_pseudo_label_mirroring must be 1 .on. or 0 .off., got 'yes'"):
+        _trainer("nnUNetTrainerSSS_noSAM", None)

@@ -77,6 +77,16 @@ def float_env(name: str) -> float | None:
     return _number_env(name, float)
 
 
+def bool_env(name: str) -> bool | None:
+    """The env var ``name`` as a switch, ``1`` or ``0``; None when unset or empty."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    if value not in ("0", "1"):
+        raise ValueError(f"environment variable {name} must be 1 (on) or 0 (off), got {value!r}")
+    return value == "1"
+
+
 def apply_budget_from_env(trainer) -> None:
     """Training length from env vars, so a benchmark gives every trainer the same iteration budget."""
     for var, attr in (("nnUNet_sss_num_epochs", "num_epochs"),

@@ -55,6 +55,7 @@ class nnUNetTrainerSemiSAM(SAMRefreshMixin, nnUNetTrainerUniMatch):
     cutmix_p = 0.0
     confidence_threshold = 0.0
     unsup_rampup_fraction = 1.0
+    pseudo_label_mirroring = False  # the teacher's soft targets come from make_pseudo_labels below, unmirrored
 
     def forward_labeled_and_weak(self, data: torch.Tensor, u: UnlabeledBatch) -> tuple[list[torch.Tensor], WeakPass]:
         """One student pass over the labeled batch and the PERTURBED (strong 1) unlabeled view; the weak view goes

@@ -56,6 +56,13 @@ class nnUNetTrainerUniMatch_adaptive(nnUNetTrainerUniMatch):
 
 
 class nnUNetTrainerSSS_noSAM_mirrorPL(nnUNetTrainerSSS_noSAM):
-    """SSS_noSAM with pseudo-labels from the weak prediction averaged over nnU-Net's mirror axes."""
+    """SSS_noSAM with pseudo-labels from the weak prediction averaged over nnU-Net's mirror axes: the arm of round 5
+    that made them the default; now the same as ``nnUNetTrainerSSS_noSAM``, kept so its commands still run."""
 
     pseudo_label_mirroring = True
+
+
+class nnUNetTrainerSSS_noSAM_noMirrorPL(nnUNetTrainerSSS_noSAM):
+    """SSS_noSAM with pseudo-labels from the weak view's own prediction (the default before round 5)."""
+
+    pseudo_label_mirroring = False
