@@ -15,7 +15,6 @@ Use the validation cases: this is a choice of the final model, so the test cases
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -60,7 +59,6 @@ def main() -> None:
         result[name] = {"mean_dice": fg_dice(s), "per_class_dice": {c: fg_dice(s, c) for c in s["per_class"]}}
         print(f"{name}: mean Dice {result[name]['mean_dice']:.4f} {result[name]['per_class_dice']}")
     atomic_write_json(a.out / "teacher_weights.json", result, indent=1)
-    print(json.dumps({k: round(v["mean_dice"], 4) for k, v in result.items()}))
 
 
 if __name__ == "__main__":
